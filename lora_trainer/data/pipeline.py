@@ -1,0 +1,201 @@
+"""From dataset items to training batches: image transforms, the latent cache, and batch assembly."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from safetensors.torch import load_file, save_file
+
+from ..fileio import atomic_write_with
+from ..model import SizeInfo
+from .captions import CaptionOptions, process_caption
+from .dataset import Dataset, ImageItem
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = "1"
+CACHE_DIR = ".latent_cache"
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+
+
+def prepare_image(item: ImageItem, rng: random.Random | None, flip: bool,
+                  color_rng: random.Random | None) -> tuple[torch.Tensor, SizeInfo]:
+    """Decode, resize to cover the bucket, crop, optionally mirror and colour-jitter; -> [-1, 1] CHW tensor."""
+    from .images import load_rgb
+
+    img = load_rgb(item.path)
+    img = img.resize(item.placement.resized, Image.Resampling.LANCZOS)
+    box = item.placement.crop_box(rng)
+    img = img.crop(box)
+    if flip:
+        img = ImageOps.mirror(img)
+    if color_rng is not None:
+        img = _color_jitter(img, color_rng)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    bw, bh = item.placement.bucket
+    size = SizeInfo(original_hw=(item.size[1], item.size[0]), crop_top_left=(box[1], box[0]), target_hw=(bh, bw))
+    return tensor, size
+
+
+def _color_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
+    """kohya-like colour augmentation: a small hue rotation plus brightness/saturation jitter."""
+    shift = rng.uniform(-0.05, 0.05)
+    hsv = np.asarray(img.convert("HSV"), dtype=np.int16)
+    hsv[..., 0] = (hsv[..., 0] + int(shift * 255)) % 256
+    img = Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1))
+    return ImageEnhance.Color(img).enhance(rng.uniform(0.9, 1.1))
+
+
+def size_info(item: ImageItem) -> SizeInfo:
+    """Size conditioning of a centre-cropped item (what cached latents were made from)."""
+    left, top, _, _ = item.placement.crop_box(None)
+    bw, bh = item.placement.bucket
+    return SizeInfo((item.size[1], item.size[0]), (top, left), (bh, bw))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Latent cache
+
+
+class LatentCache:
+    """Latents per (image content, bucket, resize, crop, flip, VAE); in memory and optionally on disk.
+
+    The key hashes the image file's bytes, so an edited image, a new resolution or bucket setting, a different
+    flip, or another VAE can never pick up a stale entry.
+    """
+
+    def __init__(self, vae_id: str, to_disk: bool):
+        self.vae_id = vae_id
+        self.to_disk = to_disk
+        self._mem: dict[str, torch.Tensor] = {}
+        self._file_hash: dict[tuple[str, int, int], str] = {}
+        self._disk_ok = True
+
+    def key(self, item: ImageItem, flip: bool) -> str:
+        p = item.placement
+        parts = [CACHE_FORMAT, self._content_hash(item.path), str(p.bucket), str(p.resized),
+                 str(p.crop_box(None)), str(flip), self.vae_id]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def _content_hash(self, path: str) -> str:
+        st = os.stat(path)
+        memo = (path, st.st_size, st.st_mtime_ns)
+        if memo not in self._file_hash:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._file_hash[memo] = h.hexdigest()
+        return self._file_hash[memo]
+
+    def _disk_path(self, item: ImageItem, key: str) -> str:
+        stem = os.path.splitext(os.path.basename(item.path))[0]
+        return os.path.join(os.path.dirname(item.path), CACHE_DIR, f"{stem}.{key[:20]}.safetensors")
+
+    def get(self, item: ImageItem, flip: bool) -> torch.Tensor | None:
+        key = self.key(item, flip)
+        if key in self._mem:
+            return self._mem[key]
+        if self.to_disk:
+            path = self._disk_path(item, key)
+            if os.path.isfile(path):
+                try:
+                    self._mem[key] = load_file(path)["latents"]
+                    return self._mem[key]
+                except Exception as e:  # a torn or foreign file: re-encode it
+                    log.warning("latent cache %s is unreadable (%s); encoding again", path, e)
+        return None
+
+    def put(self, item: ImageItem, flip: bool, latents: torch.Tensor) -> None:
+        key = self.key(item, flip)
+        latents = latents.detach().to("cpu", torch.float32).contiguous()
+        self._mem[key] = latents
+        if self.to_disk and self._disk_ok:
+            path = self._disk_path(item, key)
+            try:
+                atomic_write_with(path, lambda tmp: save_file({"latents": latents}, tmp, {"key": key}))
+            except OSError as e:
+                self._disk_ok = False
+                log.warning("cannot write the latent cache next to the images (%s); keeping it in memory only", e)
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+
+def cache_latents(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache,
+                  with_flips: bool, batch_size: int = 4,
+                  on_progress: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[int, int]:
+    """Encode every (item, flip) the cache lacks, a bucket at a time. Returns (encoded, reused)."""
+    flips = (False, True) if with_flips else (False,)
+    todo = [(it, f) for it in dataset.items for f in flips if cache.get(it, f) is None]
+    reused = len(dataset.items) * len(flips) - len(todo)
+    by_bucket: dict[tuple[int, int], list[tuple[ImageItem, bool]]] = {}
+    for it, f in todo:
+        by_bucket.setdefault(it.placement.bucket, []).append((it, f))
+    done = 0
+    for group in by_bucket.values():
+        for i in range(0, len(group), batch_size):
+            if should_stop is not None and should_stop():
+                return done, reused
+            chunk = group[i:i + batch_size]
+            pixels = torch.stack([prepare_image(it, None, f, None)[0] for it, f in chunk])
+            latents = encode(pixels)
+            for (it, f), lat in zip(chunk, latents):
+                cache.put(it, f, lat)
+            done += len(chunk)
+            if on_progress is not None:
+                on_progress(done, len(todo))
+    return done, reused
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor | None  # cached latents, or None when `pixels` must be encoded
+    pixels: torch.Tensor | None
+    captions: list[str]
+    sizes: list[SizeInfo]
+    is_reg: torch.Tensor  # bool per sample
+
+
+class BatchBuilder:
+    def __init__(self, dataset: Dataset, caption_opts: CaptionOptions, aug: AugmentOptions,
+                 cache: LatentCache | None):
+        self.dataset = dataset
+        self.caption_opts = caption_opts
+        self.aug = aug
+        self.cache = cache
+
+    def build(self, indices: list[int], rng: random.Random, epoch: int) -> Batch:
+        items = [self.dataset.items[i] for i in indices]
+        flips = [self.aug.flip_aug and rng.random() < 0.5 for _ in items]
+        captions = [process_caption(it.caption, self.caption_opts, rng, epoch) for it in items]
+        is_reg = torch.tensor([it.is_reg for it in items])
+        if self.cache is not None:
+            lat = [self.cache.get(it, f) for it, f in zip(items, flips)]
+            if all(x is not None for x in lat):
+                return Batch(torch.stack(lat), None, captions, [size_info(it) for it in items], is_reg)
+        crop_rng = rng if self.aug.random_crop else None
+        color_rng = rng if self.aug.color_aug else None
+        prepared = [prepare_image(it, crop_rng, f, color_rng) for it, f in zip(items, flips)]
+        pixels = torch.stack([p[0] for p in prepared])
+        return Batch(None, pixels, captions, [p[1] for p in prepared], is_reg)
