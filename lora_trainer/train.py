@@ -1,0 +1,643 @@
+"""The training loop: `train(config, bundle, callbacks) -> TrainResult`.
+
+`Trainer.run` reads top to bottom: scan the dataset and print the step arithmetic, prepare the model, attach the
+network, cache latents, build the optimizer and schedule, optionally resume, then loop over epochs and batches,
+saving and sampling at the configured intervals. Everything the loop changes on the model is undone in `finally`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import resource
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import config as cfgmod
+from .config import TrainConfig
+from .data.buckets import BucketPlanner
+from .data.captions import CaptionOptions, format_tag_file
+from .data.dataset import Dataset, build_dataset
+from .data.pipeline import AugmentOptions, Batch, BatchBuilder, LatentCache, cache_latents
+from .errors import UserError
+from .fileio import atomic_write_text, atomic_write_with
+from .logs import MetricsLog, TensorBoardLog, write_charts
+from .model import ModelBundle, SamplePrompt, TrainingSetup, dtype_of, eval_mode
+from .networks.algorithms import NetworkSettings
+from .networks.export import RunInfo, build_metadata, legacy_checkpoint_hash, save_network
+from .networks.network import LoraNetwork
+from .optim import build_optimizer, build_scheduler, warmup_steps
+from .samples import load_prompts
+from .state import Position, RunState, load_state, save_state
+from .steps import StepPlan, plan_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    phase: str  # scanning, caching, training, sampling, saving, paused, done
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    peak_memory_gb: float | None = None
+    message: str = ""
+
+
+@dataclass
+class TrainCallbacks:
+    on_progress: Callable[[Progress], None] | None = None
+    on_samples: Callable[[list[str]], None] | None = None
+    on_save: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    should_pause: Callable[[], bool] | None = None
+    sample_now: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    final_file: str | None
+    files: list[str]
+    samples: list[str]
+    charts: list[str]
+    steps: int
+    epochs: int
+    plan: StepPlan
+    first_epoch_loss: float | None
+    last_epoch_loss: float | None
+    peak_memory_gb: float
+    seconds: float
+    stopped: bool
+    state_dir: str | None = None
+    dataset_summary: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan"] = self.plan.as_dict()
+        return d
+
+
+def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None) -> TrainResult:
+    return Trainer(cfgmod.validate(cfg), bundle, callbacks or TrainCallbacks()).run()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {name} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return dev
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """Hash of the options that shape the training trajectory (not paths, intervals or lengths)."""
+    ignore = {"output_dir", "output_name", "resume", "overwrite", "save_json_only", "json_load_skip_list",
+              "training_comment", "log_with", "log_dir", "max_train_epochs", "max_train_steps", "device"}
+    ignore |= {n for n in cfgmod.field_names() if n.startswith(("save_", "sample_"))}
+    d = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks):
+        self.cfg = cfg
+        self.bundle = bundle
+        self.cb = callbacks
+        # A host that owns the model (the WebUI) fixes the device; headless runs pick it from the config.
+        self.device = getattr(bundle, "fixed_device", None) or resolve_device(cfg.device)
+        self.files: list[str] = []
+        self.sample_files: list[str] = []
+        self.epoch_files: list[str] = []
+        self.step_files: list[tuple[int, str]] = []
+        self.epoch_losses: dict[str, list[float]] = {}
+        self.stopped = False
+        self._last_sample_step = -1
+        self.t0 = time.time()
+
+    # ==========================================================================================================
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        for w in cfgmod.warnings_for(cfg):
+            log.warning("%s", w)
+        self._progress("scanning", message="scanning the dataset")
+        self.dataset = self._build_dataset()
+        self.plan = self._plan_steps()
+        log.info("steps: %s", self.plan.explain())
+        self._check_outputs()
+        if cfg.save_json_only:
+            return self._dry_run()
+        self.seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+        self.resumed = load_state(cfg.resume) if cfg.resume else None
+        if self.resumed is not None:
+            self.seed = self.resumed[0].seed
+        torch.manual_seed(self.seed)
+        self.network: LoraNetwork | None = None
+        try:
+            self._prepare_model()
+            self._build_network()
+            self._cache_latents()
+            self._build_optimizer()
+            position = self._restore_or_start()
+            self._open_logs()
+            self._write_tag_file()
+            self._maybe_sample_first(position)
+            position = self._train_loop(position)
+            final = self._save_final(position)
+        finally:
+            if self.network is not None:
+                self.network.remove()
+            self.bundle.restore()
+            self._close_logs()
+        return self._result(final, position)
+
+    # -- dataset / plan ----------------------------------------------------------------------------------------
+    def _build_dataset(self) -> Dataset:
+        c = self.cfg
+        planner = BucketPlanner(c.resolution_wh, c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso,
+                                c.bucket_reso_steps, c.bucket_no_upscale)
+        ds = build_dataset(c.train_data_dir, c.reg_data_dir, planner, c.caption_extension)
+        rep = ds.report
+        log.info("dataset: %d training image(s), %d regularisation image(s), %d bucket(s); %d skipped",
+                 len(ds.train_items), len(ds.reg_items), len(ds.bucket_counts()), len(rep.skipped))
+        return ds
+
+    def _plan_steps(self) -> StepPlan:
+        c, ds = self.cfg, self.dataset
+        return plan_steps(num_images=len(ds.train_items), num_train_images=ds.num_train_images,
+                          num_reg_images=ds.num_reg_images, batches_per_epoch=ds.batches_per_epoch(c.train_batch_size),
+                          batch_size=c.train_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps,
+                          max_train_epochs=c.max_train_epochs, max_train_steps=c.max_train_steps,
+                          num_buckets=len(ds.bucket_counts()))
+
+    def _final_path(self) -> str:
+        return os.path.join(self.cfg.output_dir, f"{self.cfg.output_name}.{self.cfg.save_model_as}")
+
+    def _check_outputs(self) -> None:
+        try:
+            os.makedirs(self.cfg.output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"output_dir: cannot create {self.cfg.output_dir}: {e.strerror}") from None
+        if not os.access(self.cfg.output_dir, os.W_OK):
+            raise UserError(f"output_dir: {self.cfg.output_dir} is not writable; choose another folder")
+        final = self._final_path()
+        if os.path.exists(final) and not self.cfg.overwrite and not self.cfg.resume and not self.cfg.save_json_only:
+            raise UserError(f"output file {final} already exists; choose another output_name or set overwrite to "
+                            f"replace it")
+
+    def _dry_run(self) -> TrainResult:
+        base = os.path.join(self.cfg.output_dir, self.cfg.output_name)
+        cfgmod.save_json(self.cfg, base + "_config.json")
+        info = {"plan": self.plan.as_dict(), "explain": self.plan.explain(),
+                "buckets": {f"{w}x{h}": n for (w, h), n in self.dataset.bucket_counts().items()},
+                "dataset": self.dataset.report.as_dict()}
+        atomic_write_text(base + "_steps.json", json.dumps(info, indent=2) + "\n")
+        log.info("dry run: wrote %s_config.json and %s_steps.json; nothing trained", base, base)
+        return TrainResult(self.cfg.output_dir, None, [base + "_config.json", base + "_steps.json"], [], [], 0, 0,
+                           self.plan, None, None, 0.0, time.time() - self.t0, False,
+                           dataset_summary=self.dataset.report.as_dict())
+
+    # -- model / network ---------------------------------------------------------------------------------------
+    def _prepare_model(self) -> None:
+        c = self.cfg
+        attention = "xformers" if c.xformers else "sdpa" if c.sdpa else "vanilla"
+        if self.device.type == "cpu" and c.mixed_precision == "fp16":
+            raise UserError("mixed_precision fp16 needs a GPU; use 'no' or 'bf16' on the CPU")
+        setup = TrainingSetup(self.device, dtype_of(c.mixed_precision), c.train_unet, c.train_text_encoder,
+                              c.gradient_checkpointing, attention, c.clip_skip, c.max_token_length)
+        self.bundle.prepare(setup)
+        if self.bundle.prediction_type == "v_prediction" and c.v_parameterization is False:
+            log.warning("the model predicts v but v_parameterization is false: training as epsilon as asked")
+        self.v_pred = (c.v_parameterization if c.v_parameterization is not None
+                       else self.bundle.prediction_type == "v_prediction")
+        self.alphas = self.bundle.alphas_cumprod().to(self.device)
+
+    def _build_network(self) -> None:
+        c = self.cfg
+        settings = NetworkSettings(c.network_dim, c.network_alpha, c.effective_conv_dim, c.effective_conv_alpha,
+                                   c.network_dropout, c.rank_dropout, c.module_dropout, c.dylora_unit, c.lokr_factor)
+        trees = self.bundle.network_trees()
+        parts = [t.part for t in trees if (t.is_unet and c.train_unet) or (not t.is_unet and c.train_text_encoder)]
+        net = LoraNetwork(c.network_module, trees, settings, train_parts=parts)
+        if c.network_weights:
+            from .networks.files import read_network_file
+
+            net.load_exported(read_network_file(c.network_weights), c.network_weights)
+        net.to(self.device)
+        net.apply_to()
+        net.train()
+        self.network = net
+        n_params = sum(p.numel() for p in net.parameters())
+        log.info("%s network: %d layers, %.2fM parameters (%s)", c.network_module, len(net.targets), n_params / 1e6,
+                 ", ".join(sorted(net.trained_parts())))
+
+    # -- latents -----------------------------------------------------------------------------------------------
+    def _cache_latents(self) -> None:
+        c = self.cfg
+        self.cache = LatentCache(self.bundle.vae_id, c.cache_latents_to_disk) if c.cache_latents else None
+        self.builder = BatchBuilder(self.dataset, self._caption_options(),
+                                    AugmentOptions(c.flip_aug, c.color_aug, c.random_crop), self.cache)
+        if self.cache is None:
+            return
+        self._progress("caching", message="caching latents")
+        t = time.time()
+        encoded, reused = cache_latents(self.dataset, self.bundle.encode_images, self.cache, c.flip_aug,
+                                        batch_size=max(1, c.train_batch_size),
+                                        on_progress=lambda d, n: self._progress("caching", message=f"{d}/{n}"),
+                                        should_stop=self._should_stop)
+        if self._should_stop():
+            raise UserError("stopped while caching latents; nothing was trained")
+        log.info("latents: %d encoded, %d reused from the cache (%.1fs)", encoded, reused, time.time() - t)
+
+    def _caption_options(self) -> CaptionOptions:
+        c = self.cfg
+        return CaptionOptions(c.shuffle_caption, c.keep_tokens, c.keep_tokens_separator, c.caption_dropout_rate,
+                              c.caption_dropout_every_n_epochs, c.caption_tag_dropout_rate)
+
+    # -- optimizer / resume ------------------------------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        c = self.cfg
+        groups = self.network.param_groups(c.effective_unet_lr, c.effective_text_encoder_lr)
+        self.group_names = [g["name"] for g in groups]
+        self.optimizer = build_optimizer(c, groups)
+        self.scheduler = build_scheduler(c, self.optimizer, self.plan.total_steps)
+        self.scaler = self._make_scaler()
+        self.trainable = [p for g in groups for p in g["params"]]
+
+    def _make_scaler(self):
+        if self.cfg.mixed_precision != "fp16" or self.device.type != "cuda":
+            return None
+        amp = getattr(torch, "amp", None)
+        if amp is not None and hasattr(amp, "GradScaler"):
+            return torch.amp.GradScaler("cuda")
+        return torch.cuda.amp.GradScaler()
+
+    def _restore_or_start(self) -> Position:
+        self.py_rng = random.Random(self.seed)
+        self.noise_gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.session_id = secrets.randbelow(2**31)
+        self.started_at = time.time()
+        self.prior_metrics: list[dict[str, Any]] = []
+        if self.resumed is None:
+            return Position()
+        run, net_state, blobs, py_state = self.resumed
+        if run.config_fingerprint != config_fingerprint(self.cfg):
+            log.warning("resume: the config differs from the one the state was saved with; continuing anyway")
+        self.network.load_training_state(net_state)
+        self.optimizer.load_state_dict(blobs["optimizer"])
+        self.scheduler.load_state_dict(blobs["scheduler"])
+        if self.scaler is not None and blobs.get("scaler"):
+            self.scaler.load_state_dict(blobs["scaler"])
+        torch.set_rng_state(blobs["torch_rng"])
+        self.noise_gen.set_state(blobs["noise_rng"])
+        if blobs.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blobs["cuda_rng"])
+        self.py_rng.setstate(py_state)
+        self.session_id, self.started_at = run.session_id, run.started_at
+        self.prior_metrics, self.epoch_losses = run.metrics, run.epoch_losses
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.cfg.resume, run.position.step,
+                 run.position.epoch + 1, run.position.batches_done)
+        return run.position
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _train_loop(self, pos: Position) -> Position:
+        c, plan = self.cfg, self.plan
+        self._speed = _Speed()
+        for epoch in range(pos.epoch, plan.epochs):
+            batches = self.dataset.epoch_batches(epoch, c.train_batch_size, self.seed)
+            start = pos.batches_done if epoch == pos.epoch else 0
+            for first in range(start, len(batches), c.gradient_accumulation_steps):
+                if pos.step >= plan.total_steps:
+                    break
+                group = batches[first:first + c.gradient_accumulation_steps]
+                loss = self._optimizer_step(group, epoch)
+                pos = Position(pos.step + 1, epoch, first + len(group))
+                self._after_step(pos, loss)
+                if self._should_stop():
+                    self.stopped = True
+                    return pos
+            if pos.step >= plan.total_steps and pos.batches_done < len(batches):
+                break
+            pos = Position(pos.step, epoch + 1, 0)
+            self._after_epoch(epoch + 1, pos)
+        return pos
+
+    def _optimizer_step(self, group: list[list[int]], epoch: int) -> float:
+        total = 0.0
+        for indices in group:
+            batch = self.builder.build(indices, self.py_rng, epoch + 1)
+            with self.bundle.autocast(self.cfg.mixed_precision):
+                loss = self._loss(batch) / len(group)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at step {self.scheduler.last_epoch + 1}: with fp16 try "
+                                f"bf16 or mixed_precision 'no', or lower the learning rate")
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.item()
+        self._apply_gradients()
+        return total
+
+    def _apply_gradients(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """Noise the latents at random timesteps and regress the model's prediction onto the target."""
+        latents = (batch.latents if batch.latents is not None else self.bundle.encode_images(batch.pixels))
+        latents = latents.to(self.device, torch.float32)
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=self.noise_gen).to(self.device)
+        if self.cfg.noise_offset:
+            noise = noise + self.cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1),
+                                                                generator=self.noise_gen).to(self.device)
+        t = torch.randint(0, len(self.alphas), (b,), generator=self.noise_gen).to(self.device)
+        a = self.alphas[t].view(b, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents if self.v_pred else noise
+        cond = self.bundle.encode_prompts(batch.captions, batch.sizes)
+        pred = self.bundle.predict(noisy.to(self.bundle_dtype), t, cond).float()
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = per_sample * self._snr_weights(t)
+        weights = torch.where(batch.is_reg.to(self.device), self.cfg.prior_loss_weight, 1.0)
+        return (per_sample * weights).mean()
+
+    @property
+    def bundle_dtype(self) -> torch.dtype:
+        return dtype_of(self.cfg.mixed_precision)
+
+    def _snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        gamma = self.cfg.min_snr_gamma
+        if not gamma:
+            return torch.ones_like(t, dtype=torch.float32)
+        a = self.alphas[t]
+        snr = a / (1 - a)
+        clipped = torch.clamp(snr, max=gamma)
+        return clipped / (snr + 1) if self.v_pred else clipped / snr
+
+    # -- per step / per epoch ----------------------------------------------------------------------------------
+    def _after_step(self, pos: Position, loss: float) -> None:
+        c = self.cfg
+        self._record(pos, loss)
+        self._wait_while_paused(pos)
+        if c.save_every_n_steps and pos.step % c.save_every_n_steps == 0 and pos.step < self.plan.total_steps:
+            self._save_intermediate(pos, f"{c.output_name}-step{pos.step:08d}", by_step=True)
+        wants_sample = c.sample_every_n_steps and pos.step % c.sample_every_n_steps == 0
+        if wants_sample or (self.cb.sample_now is not None and self.cb.sample_now()):
+            self._sample(pos, f"s{pos.step:06d}")
+
+    def _after_epoch(self, epoch: int, pos: Position) -> None:
+        c = self.cfg
+        last = epoch >= self.plan.epochs
+        if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and not last:
+            self._save_intermediate(pos, f"{c.output_name}-{epoch:06d}", by_step=False)
+        if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
+            self._sample(pos, f"e{epoch:06d}")
+
+    def _record(self, pos: Position, loss: float) -> None:
+        self.epoch_losses.setdefault(str(pos.epoch), []).append(loss)
+        recent = [r["loss"] for r in (self.prior_metrics + self.metrics.records)[-99:]] + [loss]
+        it_s = self._speed.tick()
+        lrs = {f"lr_{n}": lr for n, lr in zip(self.group_names, self.scheduler.get_last_lr())}
+        record = {"step": pos.step, "epoch": pos.epoch + 1, "loss": loss, "avg_loss": sum(recent) / len(recent),
+                  **lrs, "it_per_s": it_s, "peak_memory_gb": peak_memory_gb(self.device),
+                  "time": round(time.time() - self.t0, 3)}
+        self.metrics.write(record)
+        if self.tb is not None:
+            self.tb.write(record)
+        eta = (self.plan.total_steps - pos.step) / it_s if it_s else None
+        self._progress("training", step=pos.step, epoch=pos.epoch + 1, loss=loss, avg_loss=record["avg_loss"],
+                       lr=next(iter(lrs.values()), None), it_per_s=it_s, eta_s=eta,
+                       peak_memory_gb=record["peak_memory_gb"])
+
+    def _wait_while_paused(self, pos: Position) -> None:
+        if self.cb.should_pause is None:
+            return
+        while self.cb.should_pause() and not self._should_stop():
+            self._progress("paused", step=pos.step, epoch=pos.epoch + 1, message="paused")
+            time.sleep(0.5)
+            self._speed.reset()
+
+    # -- saving ------------------------------------------------------------------------------------------------
+    def _run_info(self) -> RunInfo:
+        ds = self.dataset
+        model_file = getattr(self.bundle, "model_file", None)
+        return RunInfo(
+            family=self.bundle.family, v_pred=self.v_pred, model_name=self.bundle.model_name,
+            model_hash=getattr(self.bundle, "model_hash", None),
+            legacy_model_hash=legacy_checkpoint_hash(model_file) if model_file else None,
+            vae_name=self.bundle.vae_name, session_id=self.session_id, training_started_at=self.started_at,
+            seed=self.seed, clip_skip=self.cfg.clip_skip, num_train_images=ds.num_train_images,
+            num_reg_images=ds.num_reg_images, num_batches_per_epoch=self.plan.batches_per_epoch,
+            num_epochs=self.plan.epochs, max_train_steps=self.plan.total_steps,
+            warmup_steps=warmup_steps(self.cfg, self.plan.total_steps),
+            dataset={"tag_frequency": ds.tag_frequency(), "dataset_dirs": ds.dataset_dirs(False),
+                     "reg_dataset_dirs": ds.dataset_dirs(True), "bucket_info": ds.bucket_info()})
+
+    def _save_network(self, path: str, pos: Position, title: str) -> str:
+        self._progress("saving", step=pos.step, message=os.path.basename(path))
+        meta = build_metadata(self.cfg, self._run_info(), steps=pos.step, epoch=pos.epochs_started, title=title)
+        save_network(path, self.network.export_state_dict(), meta, self.cfg.save_precision)
+        self.files.append(path)
+        log.info("saved %s", path)
+        if self.cb.on_save is not None:
+            self.cb.on_save(path)
+        return path
+
+    def _save_intermediate(self, pos: Position, stem: str, by_step: bool) -> None:
+        path = os.path.join(self.cfg.output_dir, f"{stem}.{self.cfg.save_model_as}")
+        self._save_network(path, pos, stem)
+        if self.cfg.save_state:
+            self._save_state(path_stem=os.path.join(self.cfg.output_dir, stem), pos=pos)
+        if by_step:
+            self.step_files.append((pos.step, path))
+            self._prune_step_saves(pos.step)
+        else:
+            self.epoch_files.append(path)
+            self._prune_epoch_saves()
+        self._charts()
+
+    def _prune_epoch_saves(self) -> None:
+        keep = self.cfg.save_last_n_epochs
+        while keep and len(self.epoch_files) > keep:
+            self._remove_save(self.epoch_files.pop(0))
+
+    def _prune_step_saves(self, step: int) -> None:
+        keep = self.cfg.save_last_n_steps
+        while keep and self.step_files and self.step_files[0][0] <= step - keep:
+            self._remove_save(self.step_files.pop(0)[1])
+
+    def _remove_save(self, path: str) -> None:
+        for p in (path, os.path.splitext(path)[0] + "-state"):
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
+            if p in self.files:
+                self.files.remove(p)
+        log.info("removed old save %s (keeping the last ones)", path)
+
+    def _save_state(self, path_stem: str, pos: Position) -> str:
+        folder = f"{path_stem}-state"
+        run = RunState(pos, self.seed, self.session_id, self.started_at, config_fingerprint(self.cfg),
+                       self.prior_metrics + self.metrics.records, self.epoch_losses)
+        save_state(folder, run=run, network_state=self.network.training_state(), optimizer=self.optimizer,
+                   scheduler=self.scheduler, scaler=self.scaler, py_rng=self.py_rng, noise_gen=self.noise_gen)
+        self.state_dir = folder
+        log.info("saved training state %s", folder)
+        return folder
+
+    def _save_final(self, pos: Position) -> str | None:
+        c = self.cfg
+        if pos.step == 0:
+            log.warning("no step was trained; no network file written")
+            return None
+        if self.stopped:
+            stem = f"{c.output_name}-step{pos.step:08d}"
+            path = self._save_network(os.path.join(c.output_dir, f"{stem}.{c.save_model_as}"), pos, stem)
+            if c.save_state:
+                self._save_state(os.path.join(c.output_dir, stem), pos)
+            log.info("stopped at step %d; saved %s", pos.step, path)
+        else:
+            path = self._save_network(self._final_path(), pos, c.output_name)
+            if c.save_state:
+                self._save_state(os.path.join(c.output_dir, c.output_name), pos)
+            if (c.sample_every_n_epochs or c.sample_every_n_steps) and self._last_sample_step != pos.step:
+                self._sample(pos, "final")
+        self._charts()
+        return path
+
+    # -- samples -----------------------------------------------------------------------------------------------
+    def _sample_prompts(self) -> list[SamplePrompt]:
+        if not hasattr(self, "_prompts"):
+            w, h = self.cfg.resolution_wh
+            defaults = SamplePrompt("", width=w, height=h, sampler=self.cfg.sample_sampler)
+            self._prompts = load_prompts(self.cfg.sample_prompts, defaults, self.seed)
+        return self._prompts
+
+    def _maybe_sample_first(self, pos: Position) -> None:
+        if self.cfg.sample_at_first and pos.step == 0:
+            self._sample(pos, "s000000")
+
+    def _sample(self, pos: Position, tag: str) -> None:
+        prompts = self._sample_prompts()
+        if not prompts:
+            return
+        self._last_sample_step = pos.step
+        self._progress("sampling", step=pos.step, message=f"rendering {len(prompts)} sample(s)")
+        folder = os.path.join(self.cfg.output_dir, "sample")
+        rng_state = torch.get_rng_state()
+        try:
+            with torch.no_grad(), eval_mode(self.network):
+                images = self.bundle.sample(prompts)
+        finally:
+            torch.set_rng_state(rng_state)
+        paths = []
+        for p, img in zip(prompts, images):
+            path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{p.name}_{p.seed}.png")
+            atomic_write_with(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
+            paths.append(path)
+        self.sample_files.extend(paths)
+        if self.cb.on_samples is not None:
+            self.cb.on_samples(paths)
+
+    # -- logs / progress / result ------------------------------------------------------------------------------
+    def _open_logs(self) -> None:
+        log_dir = self.cfg.resolved_log_dir
+        self.metrics = MetricsLog(os.path.join(log_dir, f"{self.cfg.output_name}_metrics.jsonl"))
+        self.tb = TensorBoardLog(os.path.join(log_dir, "tensorboard")) if self.cfg.log_with == "tensorboard" else None
+        cfgmod.save_json(self.cfg, os.path.join(self.cfg.output_dir, f"{self.cfg.output_name}_config.json"))
+
+    def _close_logs(self) -> None:
+        for name in ("metrics", "tb"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+
+    def _charts(self) -> None:
+        self.charts = write_charts(self.prior_metrics + self.metrics.records, self.cfg.resolved_log_dir,
+                                   self.cfg.output_name)
+
+    def _write_tag_file(self) -> None:
+        if not self.cfg.tag_occurrence_txt_file:
+            return
+        path = os.path.join(self.cfg.output_dir, f"{self.cfg.output_name}_tag_frequency.txt")
+        text = format_tag_file(self.dataset.tag_frequency(), self.cfg.sort_tag_occurrence_alphabetically)
+        atomic_write_text(path, text)
+
+    def _should_stop(self) -> bool:
+        return bool(self.cb.should_stop is not None and self.cb.should_stop())
+
+    def _progress(self, phase: str, **kw: Any) -> None:
+        if self.cb.on_progress is None:
+            return
+        plan = getattr(self, "plan", None)
+        self.cb.on_progress(Progress(phase, total_steps=plan.total_steps if plan else 0,
+                                     total_epochs=plan.epochs if plan else 0, **kw))
+
+    def _result(self, final: str | None, pos: Position) -> TrainResult:
+        losses = [v for _, v in sorted(self.epoch_losses.items(), key=lambda kv: int(kv[0]))]
+        mean = [sum(v) / len(v) for v in losses if v]
+        self._progress("done", step=pos.step, message="stopped" if self.stopped else "finished")
+        return TrainResult(self.cfg.output_dir, final, list(self.files), list(self.sample_files),
+                           getattr(self, "charts", []), pos.step, pos.epochs_started,
+                           self.plan, mean[0] if mean else None, mean[-1] if mean else None,
+                           peak_memory_gb(self.device), time.time() - self.t0, self.stopped,
+                           getattr(self, "state_dir", None), self.dataset.report.as_dict())
+
+
+class _Speed:
+    """Iterations per second, smoothed."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.time()
+        self.rate: float | None = None
+
+    def tick(self) -> float | None:
+        now = time.time()
+        dt = max(now - self.last, 1e-9)
+        self.last = now
+        inst = 1.0 / dt
+        self.rate = inst if self.rate is None else self.rate + 0.2 * (inst - self.rate)
+        return self.rate
+
