@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -427,12 +428,16 @@ def _fmt(x: Any) -> str:
 # Validation
 
 
+_RESOLUTION_RE = re.compile(r"^\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?$")
+
+
 def parse_resolution(text: str) -> tuple[int, int]:
-    parts = [p.strip() for p in str(text).replace("x", ",").split(",") if p.strip()]
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+    """'512' -> (512, 512); '768,512' or '768x512' -> (768, 512) (width, height)."""
+    m = _RESOLUTION_RE.match(str(text))
+    if not m:
         raise ValueError(f"resolution {text!r} is not '512' or 'width,height'")
-    w, h = int(parts[0]), int(parts[-1])
-    return w, h
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
 
 
 def parse_optimizer_args(args: list[str]) -> dict[str, Any]:

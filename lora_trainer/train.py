@@ -167,6 +167,8 @@ class Trainer:
             self._prepare_model()
             self._build_network()
             self._cache_latents()
+            if self.stopped:
+                return self._result(None, Position())
             self._build_optimizer()
             position = self._restore_or_start()
             self._open_logs()
@@ -276,7 +278,9 @@ class Trainer:
                                         on_progress=lambda d, n: self._progress("caching", message=f"{d}/{n}"),
                                         should_stop=self._should_stop)
         if self._should_stop():
-            raise UserError("stopped while caching latents; nothing was trained")
+            self.stopped = True
+            log.warning("stopped while caching latents; nothing was trained")
+            return
         log.info("latents: %d encoded, %d reused from the cache (%.1fs)", encoded, reused, time.time() - t)
 
     def _caption_options(self) -> CaptionOptions:
