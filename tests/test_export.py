@@ -70,7 +70,8 @@ def test_sshs_hash_is_the_sha256_of_the_tensor_bytes(tmp_path):
     path = str(tmp_path / "a.safetensors")
     meta = build_metadata(TrainConfig(), RUN, steps=1, epoch=1, title="a")
     h = save_network(path, tensors(), meta, "fp16")
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     header = int.from_bytes(data[:8], "little")
     assert h == hashlib.sha256(data[8 + header:]).hexdigest()
     with safe_open(path, "pt") as f:
@@ -111,7 +112,8 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         with open(tmp, "wb") as f:
             f.write(b"half")
         raise Boom
-    assert open(path, "rb").read() == b"old"
+    with open(path, "rb") as f:
+        assert f.read() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
     mask = os.umask(0)
     os.umask(mask)

@@ -116,11 +116,11 @@ def test_dry_run_writes_config_and_step_arithmetic_only(tmp_path, dataset_dir):
     cfg = base_config(dataset_dir, str(tmp_path), save_json_only=True, max_train_steps=None, max_train_epochs=3)
     result = run(cfg)
     assert result.final_file is None and result.steps == 0
-    steps = json.load(open(tmp_path / "t_steps.json"))
+    steps = json.loads((tmp_path / "t_steps.json").read_text())
     assert steps["plan"]["total_steps"] == 3 * steps["plan"]["steps_per_epoch"]
     assert "samples/epoch" in steps["explain"]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
-    saved = json.load(open(tmp_path / "t_config.json"))
+    saved = json.loads((tmp_path / "t_config.json").read_text())
     assert saved["save_json_only"] is True and saved["config_version"] == 1
 
 
