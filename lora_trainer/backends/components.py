@@ -33,7 +33,8 @@ def family_of_unet_config(cfg: Any) -> str:
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     if get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd2" if get("cross_attention_dim") == 1024 else "sd1"
+    # SD2 is the SD1 layout with linear projections in the transformer blocks (and a 1024-wide context)
+    return "sd2" if get("use_linear_projection") or get("cross_attention_dim") == 1024 else "sd1"
 
 
 def build_tiny(name: str) -> SDComponents:

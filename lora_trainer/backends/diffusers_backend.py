@@ -59,14 +59,11 @@ def load_components(name_or_path: str, family: str = "auto", prediction_type: st
 
 
 def _replace_vae(comps: SDComponents, vae_path: str) -> None:
-    from .checkpoint import load_vae_file
-    from .sd_configs import TINY as TINY_SPECS
+    from .checkpoint import load_vae_file, vae_identity
 
-    spec = TINY_SPECS.get(comps.source)
-    comps.vae = load_vae_file(vae_path, comps.family, spec)
+    comps.vae = load_vae_file(vae_path, comps.family, TINY.get(comps.source))
     comps.vae_source = vae_path
-    st = os.stat(vae_path) if os.path.isfile(vae_path) else None
-    comps.vae_id = f"vae:{os.path.abspath(vae_path)}:{st.st_size if st else 0}:{st.st_mtime_ns if st else 0}"
+    comps.vae_id = vae_identity(comps.vae)
 
 
 def _final_layer_norm(te: nn.Module) -> nn.Module:
