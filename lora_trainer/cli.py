@@ -105,9 +105,10 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .backends.diffusers_backend import load_bundle
-    from .train import TrainCallbacks, resolve_device
+    from .train import TrainCallbacks, preflight, resolve_device
 
     cfg = build_config(args.config, args.preset, overrides_from(args))
+    preflight(cfg)  # a wrong folder is reported before a checkpoint takes a minute to load
     device = resolve_device(cfg.device)
     bundle = load_bundle(cfg.pretrained_model_name_or_path, family=cfg.model_family,
                          v_parameterization=cfg.v_parameterization, vae=cfg.vae, device=device)

@@ -21,13 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Appends one JSON object per line; `records` keeps them for the charts."""
+    """One JSON object per line; `records` keeps them for the charts. The file starts with `earlier` (the records
+    of a resumed run up to its saved state), so it always describes exactly this run's history."""
 
-    def __init__(self, path: str, keep: list[dict[str, Any]] | None = None):
+    def __init__(self, path: str, earlier: list[dict[str, Any]] | None = None):
         self.path = path
-        self.records: list[dict[str, Any]] = list(keep or [])
+        self.records: list[dict[str, Any]] = []
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run, closed in close()
+        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run, closed in close()
+        for record in earlier or []:
+            self._f.write(json.dumps(record) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)

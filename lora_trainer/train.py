@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import config as cfgmod
+from . import losses
 from .config import TrainConfig
 from .data.buckets import BucketPlanner
 from .data.captions import CaptionOptions, format_tag_file
@@ -98,6 +98,15 @@ def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | Non
     return Trainer(cfgmod.validate(cfg), bundle, callbacks or TrainCallbacks()).run()
 
 
+def preflight(cfg: TrainConfig) -> StepPlan:
+    """Check the dataset and the output folder before anything heavy (loading a checkpoint) happens."""
+    trainer = Trainer(cfgmod.validate(cfg), None, TrainCallbacks())  # type: ignore[arg-type]
+    trainer.dataset = trainer._build_dataset()
+    trainer.plan = trainer._plan_steps()
+    trainer._check_outputs()
+    return trainer.plan
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -136,6 +145,7 @@ class Trainer:
         self.cb = callbacks
         # A host that owns the model (the WebUI) fixes the device; headless runs pick it from the config.
         self.device = getattr(bundle, "fixed_device", None) or resolve_device(cfg.device)
+        self.prior_metrics: list[dict[str, Any]] = []
         self.files: list[str] = []
         self.sample_files: list[str] = []
         self.epoch_files: list[str] = []
@@ -311,7 +321,6 @@ class Trainer:
         self.noise_gen = torch.Generator(device="cpu").manual_seed(self.seed)
         self.session_id = secrets.randbelow(2**31)
         self.started_at = time.time()
-        self.prior_metrics: list[dict[str, Any]] = []
         if self.resumed is None:
             return Position()
         run, net_state, blobs, py_state = self.resumed
@@ -385,36 +394,17 @@ class Trainer:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Noise the latents at random timesteps and regress the model's prediction onto the target."""
-        latents = (batch.latents if batch.latents is not None else self.bundle.encode_images(batch.pixels))
+        latents = batch.latents if batch.latents is not None else self.bundle.encode_images(batch.pixels)
         latents = latents.to(self.device, torch.float32)
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.noise_gen).to(self.device)
-        if self.cfg.noise_offset:
-            noise = noise + self.cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1),
-                                                                generator=self.noise_gen).to(self.device)
-        t = torch.randint(0, len(self.alphas), (b,), generator=self.noise_gen).to(self.device)
-        a = self.alphas[t].view(b, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents if self.v_pred else noise
-        cond = self.bundle.encode_prompts(batch.captions, batch.sizes)
-        pred = self.bundle.predict(noisy.to(self.bundle_dtype), t, cond).float()
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        per_sample = per_sample * self._snr_weights(t)
-        weights = torch.where(batch.is_reg.to(self.device), self.cfg.prior_loss_weight, 1.0)
-        return (per_sample * weights).mean()
-
-    @property
-    def bundle_dtype(self) -> torch.dtype:
-        return dtype_of(self.cfg.mixed_precision)
-
-    def _snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        gamma = self.cfg.min_snr_gamma
-        if not gamma:
-            return torch.ones_like(t, dtype=torch.float32)
+        noise = losses.sample_noise(latents.shape, self.noise_gen, self.cfg.noise_offset).to(self.device)
+        t = losses.sample_timesteps(latents.shape[0], len(self.alphas), self.noise_gen).to(self.device)
         a = self.alphas[t]
-        snr = a / (1 - a)
-        clipped = torch.clamp(snr, max=gamma)
-        return clipped / (snr + 1) if self.v_pred else clipped / snr
+        noisy = losses.noisy_latents(latents, noise, a)
+        cond = self.bundle.encode_prompts(batch.captions, batch.sizes)
+        pred = self.bundle.predict(noisy.to(dtype_of(self.cfg.mixed_precision)), t, cond)
+        prior = torch.where(batch.is_reg.to(self.device), self.cfg.prior_loss_weight, 1.0)
+        weights = losses.snr_weights(a, self.cfg.min_snr_gamma, self.v_pred) * prior
+        return losses.weighted_mse(pred, losses.target(latents, noise, a, self.v_pred), weights)
 
     # -- per step / per epoch ----------------------------------------------------------------------------------
     def _after_step(self, pos: Position, loss: float) -> None:
@@ -585,7 +575,7 @@ class Trainer:
     # -- logs / progress / result ------------------------------------------------------------------------------
     def _open_logs(self) -> None:
         log_dir = self.cfg.resolved_log_dir
-        self.metrics = MetricsLog(os.path.join(log_dir, f"{self.cfg.output_name}_metrics.jsonl"))
+        self.metrics = MetricsLog(os.path.join(log_dir, f"{self.cfg.output_name}_metrics.jsonl"), self.prior_metrics)
         self.tb = TensorBoardLog(os.path.join(log_dir, "tensorboard")) if self.cfg.log_with == "tensorboard" else None
         cfgmod.save_json(self.cfg, os.path.join(self.cfg.output_dir, f"{self.cfg.output_name}_config.json"))
 

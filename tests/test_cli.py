@@ -21,13 +21,20 @@ def cli(*args, cwd=None, env=None):
     (["train", "--network_dim", "0"], "network_dim: 0 is out of range"),
     (["train", "--netwrok_dim", "4"], "unrecognized arguments"),
     (["train", "--config", "/nonexistent.json"], "config file not found"),
-    (["train", "--pretrained_model_name_or_path", "/nope.safetensors", "--train_data_dir", "/tmp"],
-     "is neither a file, a folder nor a built-in model"),
+    (["train", "--train_data_dir", "/tmp"], "has no 'N_name' subfolders"),
 ])
 def test_user_errors_exit_2_without_traceback(args, fragment):
     out = cli(*args)
     assert out.returncode == 2, out.stderr
     assert fragment in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_model_is_reported_after_the_dataset_check(tmp_path):
+    data = make_dataset(str(tmp_path / "d"), images=1, repeats=1)
+    out = cli("train", "--pretrained_model_name_or_path", "/nope.safetensors", "--train_data_dir", data,
+              "--output_dir", str(tmp_path / "o"))
+    assert out.returncode == 2 and "is neither a file, a folder nor a built-in model" in out.stderr
     assert "Traceback" not in out.stderr
 
 
