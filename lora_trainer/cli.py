@@ -8,6 +8,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -84,9 +85,10 @@ class ProgressPrinter:
             return
         eta = f"{int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}" if p.eta_s is not None else "?"
         rate = f"{p.it_per_s:.2f} it/s" if p.it_per_s else "? it/s"
+        loss = f"loss {p.loss:.4f} (avg {p.avg_loss:.4f})" if p.loss is not None else "loss ?"
         bar = _bar(p.step, p.total_steps)
-        self._emit(f"{bar} {p.step}/{p.total_steps} epoch {p.epoch}/{p.total_epochs} loss {p.loss:.4f} "
-                   f"(avg {p.avg_loss:.4f}) {rate} ETA {eta}", force=p.step == p.total_steps)
+        self._emit(f"{bar} {p.step}/{p.total_steps} epoch {p.epoch}/{p.total_epochs} {loss} {rate} ETA {eta}",
+                   force=p.step == p.total_steps)
 
     def _emit(self, text: str, force: bool = False) -> None:
         now = time.time()
@@ -152,6 +154,114 @@ def cmd_options(args: argparse.Namespace) -> int:
     return 0
 
 
+def _family_of(cfg: cfgmod.TrainConfig, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if cfg.model_family != "auto":
+        return cfg.model_family
+    name = cfg.pretrained_model_name_or_path
+    return name.split("-", 1)[1] if name.startswith("tiny-") else "sd1"
+
+
+def _dataset_images(cfg: cfgmod.TrainConfig, explicit: int | None) -> int:
+    if explicit is not None:
+        return explicit
+    if not cfg.train_data_dir:
+        return 20
+    from .train import preflight
+
+    return preflight(cfg.replace(save_json_only=True)).num_train_images
+
+
+def cmd_wizard(args: argparse.Namespace) -> int:
+    from . import wizard
+    from .train import resolve_device
+
+    cfg = build_config(args.config, args.preset, overrides_from(args))
+    family = _family_of(cfg, args.family)
+    if args.vram_gb is not None:
+        hw = wizard.simulated_hardware(args.vram_gb, bf16=args.bf16 is not False)
+        hw = dataclasses.replace(hw, free_vram_gb=args.free_vram_gb if args.free_vram_gb is not None else args.vram_gb)
+    else:
+        hw = wizard.detect_hardware(resolve_device(cfg.device))
+        if args.bf16 is not None:
+            hw = dataclasses.replace(hw, bf16=args.bf16)
+    data = wizard.DatasetStats(_dataset_images(cfg, args.images))
+    rec = wizard.recommend(hw, data, cfg, family)
+    if args.probe:
+        rec = _probe(cfg, rec, hw, family, data)
+    if args.json:
+        sys.stdout.write(json.dumps({"hardware": dataclasses.asdict(hw), "family": family, **rec.as_dict(),
+                                     "config": cfgmod.to_dict(rec.apply(cfg))}) + "\n")
+        return 0
+    out = sys.stdout
+    out.write(f"{hw.name or hw.device}: {hw.total_vram_gb:.1f} GB, {hw.free_vram_gb:.1f} GB free, bf16 "
+              f"{'yes' if hw.bf16 else 'no'}; {family}, {data.num_images} images/epoch\n")
+    for p in rec.picks:
+        out.write(f"  {p.field:28} {str(p.value):10} {p.reason}\n")
+    out.write(f"estimated peak {rec.estimated_peak_gb:.1f} GB of {hw.free_vram_gb:.1f} GB free\n")
+    for w in rec.warnings:
+        out.write(f"warning: {w}\n")
+    return 0
+
+
+def _probe(cfg, rec, hw, family, data):
+    from . import wizard
+    from .backends.diffusers_backend import load_bundle
+    from .bench import probe
+    from .train import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        rec.warnings.append("the probe measures CUDA memory; skipped on this machine")
+        return rec
+    tuned = rec.apply(cfg)
+    bundle = load_bundle(cfg.pretrained_model_name_or_path or f"tiny-{family}", device=device)
+    target = tuned.train_batch_size * tuned.gradient_accumulation_steps
+    peaks = probe(tuned, bundle, [b for b in wizard.BATCHES if b <= target], hw.budget_gb + wizard.OVERHEAD_GB)
+    return wizard.refine_with_probe(rec, peaks, hw, target)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    overrides = dict(_pairs(args.set))
+    kw = dict(family=args.family, resolution=args.resolution, batch=args.batch, algo=args.algo, steps=args.steps,
+              warmup=args.warmup, overrides=overrides, model=args.model, device_name=args.device)
+    report = bench.compare(dict(_pairs([args.compare])), **kw) if args.compare else bench.run_bench(**kw)
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return 0
+    _print_bench(report)
+    return 0
+
+
+def _pairs(items: Sequence[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{item!r} is not option=value")
+        cfgmod.field_spec(key)
+        out.append((key, value))
+    return out
+
+
+def _print_bench(report: dict) -> None:
+    out = sys.stdout
+    runs = [("baseline", report["baseline"]), ("changed", report["changed"])] if "baseline" in report else \
+        [("run", report)]
+    for name, r in runs:
+        split = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r["time_split_s"].items())
+        mfu = f", {r['tflops']:.1f} TFLOP/s" if r.get("tflops") else ""
+        mfu += f" = {r['mfu'] * 100:.0f}% MFU" if r.get("mfu") else ""
+        out.write(f"{name}: {r['device']} {r['family']} {r['resolution']}px batch {r['batch']} {r['algo']}: "
+                  f"{r['images_per_s']:.2f} images/s, {r['it_per_s']:.2f} it/s, peak {r['peak_memory_gb']:.2f} GB"
+                  f"{mfu}\n  {split}\n")
+    if "baseline" in report:
+        out.write(f"{report['change']}: speed x{report['speed_ratio']:.2f}, memory x{report['memory_ratio']:.2f}\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_trainer", description="Train LoRA / LyCORIS networks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -167,6 +277,32 @@ def make_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p_demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
     p_demo.set_defaults(func=cmd_demo)
+    p_wiz = sub.add_parser("wizard", help="recommend settings that fit this (or a simulated) GPU")
+    p_wiz.add_argument("--config", help="JSON config to start from")
+    p_wiz.add_argument("--preset", choices=list(presets.PRESETS))
+    p_wiz.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family (default: from the config)")
+    p_wiz.add_argument("--vram-gb", type=float, help="simulate a GPU with this much VRAM")
+    p_wiz.add_argument("--free-vram-gb", type=float, help="simulated free VRAM (default: all of it)")
+    p_wiz.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="the GPU supports bf16")
+    p_wiz.add_argument("--no-bf16", dest="bf16", action="store_false", help="the GPU has no bf16")
+    p_wiz.add_argument("--images", type=int, help="training images per epoch (default: scan train_data_dir)")
+    p_wiz.add_argument("--probe", action="store_true", help="measure real steps on this GPU to confirm the batch")
+    p_wiz.add_argument("--json", action="store_true")
+    _add_config_flags(p_wiz)
+    p_wiz.set_defaults(func=cmd_wizard)
+    p_bench = sub.add_parser("bench", help="measure training speed and memory")
+    p_bench.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p_bench.add_argument("--resolution", type=int, help="default: 512/768/1024 on a GPU, 64 on a CPU")
+    p_bench.add_argument("--batch", type=int, default=1)
+    p_bench.add_argument("--algo", choices=list(cfgmod.ALGORITHMS), default="lora")
+    p_bench.add_argument("--steps", type=int, default=10)
+    p_bench.add_argument("--warmup", type=int, default=3)
+    p_bench.add_argument("--model", default="", help="a checkpoint instead of random weights")
+    p_bench.add_argument("--device", default="auto")
+    p_bench.add_argument("--set", nargs="*", metavar="OPTION=VALUE", help="config options for both runs")
+    p_bench.add_argument("--compare", metavar="OPTION=VALUE", help="run twice, the second time with this change")
+    p_bench.add_argument("--json", action="store_true")
+    p_bench.set_defaults(func=cmd_bench)
     sub.add_parser("presets", help="list presets").set_defaults(func=cmd_presets)
     sub.add_parser("options", help="list every option").set_defaults(func=cmd_options)
     return parser

@@ -206,6 +206,17 @@ class TrainConfig:
     cache_latents_to_disk: bool = opt(False, "Keep the latent cache on disk beside the images (reused next run).",
                                       "performance", when=lambda c: c.cache_latents, when_text="cache_latents")
 
+    cache_text_encoder_outputs: bool = opt(
+        False, "Encode every caption once and move the text encoders off the GPU (UNet-only training with fixed "
+               "captions).", "performance", when=lambda c: c.network_train_unet_only,
+        when_text="network_train_unet_only")
+    offload_vae: bool = opt(False, "Move the VAE off the GPU once the latents are cached (back for samples).",
+                            "performance", when=lambda c: c.cache_latents, when_text="cache_latents")
+    channels_last: bool = opt(False, "Run the UNet in channels-last memory format (faster convolutions on some "
+                                     "GPUs).", "performance")
+    torch_compile: bool = opt(False, "Compile the UNet with torch.compile (slow first step, faster later ones).",
+                              "performance")
+
     # --- saving ------------------------------------------------------------------------------------------------
     output_dir: str = opt("output", "Folder for the trained network, samples and logs.", "saving")
     output_name: str = opt("my_lora", "File name of the trained network (no extension).", "saving")
@@ -520,6 +531,10 @@ def _cross_problems(c: TrainConfig) -> list[str]:
         which = " and ".join(n for n in ("color_aug", "random_crop") if getattr(c, n))
         p.append(f"{which} changes the image every step, so its latents cannot be cached: set cache_latents to "
                  f"false or turn {which} off")
+    if c.cache_text_encoder_outputs:
+        p.extend(_te_cache_problems(c))
+    if c.offload_vae and not c.cache_latents:
+        p.append("offload_vae needs cache_latents: without cached latents the VAE encodes every step")
     if c.network_module == "dylora" and c.network_dim % c.dylora_unit:
         p.append(f"network_dim: {c.network_dim} must be a multiple of dylora_unit {c.dylora_unit} for DyLoRA")
     if c.network_module == "dylora" and c.conv_dim is not None and c.conv_dim % c.dylora_unit:
@@ -535,6 +550,18 @@ def _cross_problems(c: TrainConfig) -> list[str]:
     except ValueError as e:
         p.append(f"optimizer_args: {e}")
     return p
+
+
+def _te_cache_problems(c: TrainConfig) -> list[str]:
+    if not c.network_train_unet_only:
+        return ["cache_text_encoder_outputs needs network_train_unet_only: a trained text encoder's outputs change "
+                "every step"]
+    varying = [n for n in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                           "caption_tag_dropout_rate", "random_crop") if getattr(c, n)]
+    if varying:
+        return [f"cache_text_encoder_outputs needs fixed captions, but {', '.join(varying)} make them vary from step "
+                f"to step (random_crop: the SDXL crop conditioning): turn those off or cache_text_encoder_outputs off"]
+    return []
 
 
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}

@@ -56,6 +56,8 @@ class TrainingSetup:
     attention: str  # "sdpa" | "xformers" | "vanilla"
     clip_skip: int | None
     max_token_length: int
+    channels_last: bool = False
+    torch_compile: bool = False
 
 
 @runtime_checkable
@@ -90,6 +92,12 @@ class ModelBundle(Protocol):
         """Render preview images with the network as currently attached."""
 
     def autocast(self, mixed_precision: str) -> contextlib.AbstractContextManager: ...
+
+    def offload(self, part: str) -> None:
+        """Move "vae" or "text_encoders" off the training device (their outputs are cached)."""
+
+    def reload(self, part: str) -> None:
+        """Bring an offloaded part back (for samples)."""
 
 
 def autocast_context(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:

@@ -44,6 +44,7 @@ class RunState:
     config_fingerprint: str
     metrics: list[dict[str, Any]] = field(default_factory=list)
     epoch_losses: dict[str, list[float]] = field(default_factory=dict)
+    micro_split: int = 1  # batches are split this many times after out-of-memory back-offs
 
 
 def save_state(folder: str, *, run: RunState, network_state: dict[str, torch.Tensor],
@@ -97,7 +98,7 @@ def load_state(folder: str) -> tuple[RunState, dict[str, torch.Tensor], dict[str
                         f"{meta.get('version')})")
     r = meta["run"]
     run = RunState(Position(**r["position"]), r["seed"], r["session_id"], r["started_at"], r["config_fingerprint"],
-                   r.get("metrics", []), r.get("epoch_losses", {}))
+                   r.get("metrics", []), r.get("epoch_losses", {}), r.get("micro_split", 1))
     network = load_file(os.path.join(folder, "network.safetensors"))
     blobs = torch.load(os.path.join(folder, "training.pt"), map_location="cpu", weights_only=True)
     return run, network, blobs, _py_state_from_json(meta["py_rng"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -23,12 +24,12 @@ from typing import Any
 import torch
 
 from . import config as cfgmod
-from . import losses
+from . import losses, memory
 from .config import TrainConfig
 from .data.buckets import BucketPlanner
 from .data.captions import CaptionOptions, format_tag_file
 from .data.dataset import Dataset, build_dataset
-from .data.pipeline import AugmentOptions, Batch, BatchBuilder, LatentCache, cache_latents
+from .data.pipeline import AugmentOptions, Batch, BatchBuilder, LatentCache, TextCache, cache_latents
 from .errors import UserError
 from .fileio import atomic_write_text, atomic_write_with
 from .logs import MetricsLog, TensorBoardLog, write_charts
@@ -152,6 +153,9 @@ class Trainer:
         self.step_files: list[tuple[int, str]] = []
         self.epoch_losses: dict[str, list[float]] = {}
         self.stopped = False
+        self.split = 1  # micro-batches per batch; doubles after an out-of-memory error
+        self._warned_shared = False
+        self.text_cache: TextCache | None = None
         self._last_sample_step = -1
         self.t0 = time.time()
 
@@ -179,6 +183,8 @@ class Trainer:
             self._cache_latents()
             if self.stopped:
                 return self._result(None, Position())
+            self._cache_text_outputs()
+            self._offload_cached_parts()
             self._build_optimizer()
             position = self._restore_or_start()
             self._open_logs()
@@ -246,7 +252,8 @@ class Trainer:
         if self.device.type == "cpu" and c.mixed_precision == "fp16":
             raise UserError("mixed_precision fp16 needs a GPU; use 'no' or 'bf16' on the CPU")
         setup = TrainingSetup(self.device, dtype_of(c.mixed_precision), c.train_unet, c.train_text_encoder,
-                              c.gradient_checkpointing, attention, c.clip_skip, c.max_token_length)
+                              c.gradient_checkpointing, attention, c.clip_skip, c.max_token_length,
+                              c.channels_last, c.torch_compile)
         self.bundle.prepare(setup)
         if self.bundle.prediction_type == "v_prediction" and c.v_parameterization is False:
             log.warning("the model predicts v but v_parameterization is false: training as epsilon as asked")
@@ -293,6 +300,28 @@ class Trainer:
             return
         log.info("latents: %d encoded, %d reused from the cache (%.1fs)", encoded, reused, time.time() - t)
 
+    def _cache_text_outputs(self) -> None:
+        self.text_cache = None
+        if not self.cfg.cache_text_encoder_outputs:
+            return
+        self._progress("caching", message="caching text-encoder outputs")
+        cache = TextCache()
+        with self.bundle.autocast(self.cfg.mixed_precision):
+            cache.fill(self.dataset, self.bundle.encode_prompts, self._caption_options())
+        self.text_cache = cache
+        log.info("text-encoder outputs cached for %d images", len(cache.per_item))
+
+    def _offloaded(self) -> list[str]:
+        c = self.cfg
+        return ["vae"] * bool(c.offload_vae and c.cache_latents) + ["text_encoders"] * bool(self.text_cache)
+
+    def _offload_cached_parts(self) -> None:
+        for part in self._offloaded():
+            self.bundle.offload(part)
+            log.info("moved the %s off the GPU (their outputs are cached)", part.replace("_", " "))
+        if self._offloaded():
+            memory.free(self.device)
+
     def _caption_options(self) -> CaptionOptions:
         c = self.cfg
         return CaptionOptions(c.shuffle_caption, c.keep_tokens, c.keep_tokens_separator, c.caption_dropout_rate,
@@ -337,6 +366,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(blobs["cuda_rng"])
         self.py_rng.setstate(py_state)
         self.session_id, self.started_at = run.session_id, run.started_at
+        self.split = run.micro_split
         self.prior_metrics, self.epoch_losses = run.metrics, run.epoch_losses
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.cfg.resume, run.position.step,
                  run.position.epoch + 1, run.position.batches_done)
@@ -345,7 +375,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def _train_loop(self, pos: Position) -> Position:
         c, plan = self.cfg, self.plan
-        self._speed = _Speed()
+        self._pending: list[tuple[Position, torch.Tensor]] = []
+        self._last_flush = (time.time(), pos.step)
         for epoch in range(pos.epoch, plan.epochs):
             batches = self.dataset.epoch_batches(epoch, c.train_batch_size, self.seed)
             start = pos.batches_done if epoch == pos.epoch else 0
@@ -358,26 +389,51 @@ class Trainer:
                 self._after_step(pos, loss)
                 if self._should_stop():
                     self.stopped = True
+                    self._flush()
                     return pos
             if pos.step >= plan.total_steps and pos.batches_done < len(batches):
                 break
             pos = Position(pos.step, epoch + 1, 0)
             self._after_epoch(epoch + 1, pos)
+        self._flush()
         return pos
 
-    def _optimizer_step(self, group: list[list[int]], epoch: int) -> float:
-        total = 0.0
-        for indices in group:
+    def _optimizer_step(self, group: list[list[int]], epoch: int) -> torch.Tensor:
+        """One optimizer step over `group`'s batches; after an out-of-memory error the batches are split in two
+        (gradient accumulation doubles, so each step still sees the same samples) and the step is retried."""
+        while True:
+            try:
+                return self._try_step(group, epoch)
+            except Exception as e:
+                if not memory.is_oom(e):
+                    raise
+            self._back_off()  # outside the except block, so the failed step's tensors are already released
+
+    def _try_step(self, group: list[list[int]], epoch: int) -> torch.Tensor:
+        micro = [part for b in group for part in memory.split_batch(b, self.split)]
+        total = torch.zeros((), device=self.device)
+        for indices in micro:
             batch = self.builder.build(indices, self.py_rng, epoch + 1)
             with self.bundle.autocast(self.cfg.mixed_precision):
-                loss = self._loss(batch) / len(group)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {self.scheduler.last_epoch + 1}: with fp16 try "
-                                f"bf16 or mixed_precision 'no', or lower the learning rate")
+                loss = self._loss(batch) / len(micro)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss.item()
+            total += loss.detach()
         self._apply_gradients()
         return total
+
+    def _back_off(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        memory.free(self.device)
+        batch = math.ceil(self.cfg.train_batch_size / self.split)
+        if batch <= 1:
+            raise UserError("out of GPU memory even at batch size 1: turn on gradient_checkpointing, cache_latents "
+                            "and cache_text_encoder_outputs, use an 8-bit optimizer, or lower the resolution or "
+                            "network_dim (the Performance Wizard picks settings that fit)")
+        self.split *= 2
+        accum = self.cfg.gradient_accumulation_steps * self.split
+        log.warning("out of GPU memory: batch size %d -> %d, gradient accumulation %d -> %d (same samples per step);"
+                    " continuing from step %d", batch, math.ceil(batch / 2), accum // 2, accum,
+                    self.scheduler.last_epoch + 1)
 
     def _apply_gradients(self) -> None:
         if self.scaler is not None:
@@ -400,54 +456,98 @@ class Trainer:
         t = losses.sample_timesteps(latents.shape[0], len(self.alphas), self.noise_gen).to(self.device)
         a = self.alphas[t]
         noisy = losses.noisy_latents(latents, noise, a)
-        cond = self.bundle.encode_prompts(batch.captions, batch.sizes)
+        if self.text_cache is not None and batch.indices is not None:
+            cond = self.text_cache.batch(batch.indices, self.device)
+        else:
+            cond = self.bundle.encode_prompts(batch.captions, batch.sizes)
         pred = self.bundle.predict(noisy.to(dtype_of(self.cfg.mixed_precision)), t, cond)
         prior = torch.where(batch.is_reg.to(self.device), self.cfg.prior_loss_weight, 1.0)
         weights = losses.snr_weights(a, self.cfg.min_snr_gamma, self.v_pred) * prior
         return losses.weighted_mse(pred, losses.target(latents, noise, a, self.v_pred), weights)
 
     # -- per step / per epoch ----------------------------------------------------------------------------------
-    def _after_step(self, pos: Position, loss: float) -> None:
+    def _after_step(self, pos: Position, loss: torch.Tensor) -> None:
         c = self.cfg
-        self._record(pos, loss)
+        self._pending.append((pos, loss))
+        save = c.save_every_n_steps and pos.step % c.save_every_n_steps == 0 and pos.step < self.plan.total_steps
+        sample = bool(c.sample_every_n_steps and pos.step % c.sample_every_n_steps == 0)
+        sample = sample or (self.cb.sample_now is not None and self.cb.sample_now())
+        if save or sample or self._flush_due(pos):
+            self._flush()
+        self._report(pos)
         self._wait_while_paused(pos)
-        if c.save_every_n_steps and pos.step % c.save_every_n_steps == 0 and pos.step < self.plan.total_steps:
+        if save:
             self._save_intermediate(pos, f"{c.output_name}-step{pos.step:08d}", by_step=True)
-        wants_sample = c.sample_every_n_steps and pos.step % c.sample_every_n_steps == 0
-        if wants_sample or (self.cb.sample_now is not None and self.cb.sample_now()):
+        if sample:
             self._sample(pos, f"s{pos.step:06d}")
 
     def _after_epoch(self, epoch: int, pos: Position) -> None:
         c = self.cfg
         last = epoch >= self.plan.epochs
+        self._flush()
         if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and not last:
             self._save_intermediate(pos, f"{c.output_name}-{epoch:06d}", by_step=False)
         if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
             self._sample(pos, f"e{epoch:06d}")
 
-    def _record(self, pos: Position, loss: float) -> None:
+    def _flush_due(self, pos: Position) -> bool:
+        """Read losses back from the device every 10 steps or every second, not every step (each read is a sync)."""
+        return len(self._pending) >= 10 or time.time() - self._last_flush[0] >= 1.0
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        values = torch.stack([loss for _, loss in self._pending]).tolist()  # the one host sync
+        now, (then, step_then) = time.time(), self._last_flush
+        rate = (self._pending[-1][0].step - step_then) / max(now - then, 1e-9)
+        for (pos, _), value in zip(self._pending, values):
+            if not math.isfinite(value):
+                raise UserError(f"the loss became {value} at step {pos.step}: with fp16 try bf16 or "
+                                f"mixed_precision 'no' (or a fp16-fixed VAE), or lower the learning rate; the "
+                                f"saves before this step are intact")
+            self._record(pos, value, rate)
+        self._pending.clear()
+        self._last_flush = (now, pos.step)
+        if not self._warned_shared and (warning := memory.shared_memory_warning(self.device)):
+            self._warned_shared = True
+            log.warning("%s", warning)
+
+    def _record(self, pos: Position, loss: float, it_s: float) -> None:
         self.epoch_losses.setdefault(str(pos.epoch), []).append(loss)
         recent = [r["loss"] for r in (self.prior_metrics + self.metrics.records)[-99:]] + [loss]
-        it_s = self._speed.tick()
-        lrs = {f"lr_{n}": lr for n, lr in zip(self.group_names, self.scheduler.get_last_lr())}
+        lrs = {f"lr_{n}": lr for n, lr in zip(self.group_names, self._lrs_at(pos.step))}
         record = {"step": pos.step, "epoch": pos.epoch + 1, "loss": loss, "avg_loss": sum(recent) / len(recent),
                   **lrs, "it_per_s": it_s, "peak_memory_gb": peak_memory_gb(self.device),
                   "time": round(time.time() - self.t0, 3)}
         self.metrics.write(record)
         if self.tb is not None:
             self.tb.write(record)
+        self._last_record = record
+
+    def _report(self, pos: Position) -> None:
+        """Progress every step; loss and speed are those of the latest read-back."""
+        r = getattr(self, "_last_record", None) or {}
+        it_s = r.get("it_per_s")
         eta = (self.plan.total_steps - pos.step) / it_s if it_s else None
-        self._progress("training", step=pos.step, epoch=pos.epoch + 1, loss=loss, avg_loss=record["avg_loss"],
-                       lr=next(iter(lrs.values()), None), it_per_s=it_s, eta_s=eta,
-                       peak_memory_gb=record["peak_memory_gb"])
+        lr = next((v for k, v in r.items() if k.startswith("lr_")), None)
+        self._progress("training", step=pos.step, epoch=pos.epoch + 1, loss=r.get("loss"),
+                       avg_loss=r.get("avg_loss"), lr=lr, it_per_s=it_s, eta_s=eta,
+                       peak_memory_gb=r.get("peak_memory_gb"))
+
+    def _lrs_at(self, step: int) -> list[float]:
+        """The learning rates used for `step` (the scheduler may already be past it when losses are flushed)."""
+        return [base * fn(step - 1) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
 
     def _wait_while_paused(self, pos: Position) -> None:
         if self.cb.should_pause is None:
             return
+        paused = False
         while self.cb.should_pause() and not self._should_stop():
+            paused = True
             self._progress("paused", step=pos.step, epoch=pos.epoch + 1, message="paused")
             time.sleep(0.5)
-            self._speed.reset()
+        if paused:
+            self._last_flush = (time.time(), pos.step)
 
     # -- saving ------------------------------------------------------------------------------------------------
     def _run_info(self) -> RunInfo:
@@ -511,7 +611,7 @@ class Trainer:
     def _save_state(self, path_stem: str, pos: Position) -> str:
         folder = f"{path_stem}-state"
         run = RunState(pos, self.seed, self.session_id, self.started_at, config_fingerprint(self.cfg),
-                       self.prior_metrics + self.metrics.records, self.epoch_losses)
+                       self.prior_metrics + self.metrics.records, self.epoch_losses, self.split)
         save_state(folder, run=run, network_state=self.network.training_state(), optimizer=self.optimizer,
                    scheduler=self.scheduler, scaler=self.scaler, py_rng=self.py_rng, noise_gen=self.noise_gen)
         self.state_dir = folder
@@ -558,11 +658,14 @@ class Trainer:
         self._progress("sampling", step=pos.step, message=f"rendering {len(prompts)} sample(s)")
         folder = os.path.join(self.cfg.output_dir, "sample")
         rng_state = torch.get_rng_state()
+        for part in self._offloaded():
+            self.bundle.reload(part)
         try:
             with torch.no_grad(), eval_mode(self.network):
                 images = self.bundle.sample(prompts)
         finally:
             torch.set_rng_state(rng_state)
+            self._offload_cached_parts()
         paths = []
         for p, img in zip(prompts, images):
             path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{p.name}_{p.seed}.png")
@@ -615,23 +718,3 @@ class Trainer:
                            self.plan, mean[0] if mean else None, mean[-1] if mean else None,
                            peak_memory_gb(self.device), time.time() - self.t0, self.stopped,
                            getattr(self, "state_dir", None), self.dataset.report.as_dict())
-
-
-class _Speed:
-    """Iterations per second, smoothed."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.last = time.time()
-        self.rate: float | None = None
-
-    def tick(self) -> float | None:
-        now = time.time()
-        dt = max(now - self.last, 1e-9)
-        self.last = now
-        inst = 1.0 / dt
-        self.rate = inst if self.rate is None else self.rate + 0.2 * (inst - self.rate)
-        return self.rate
-

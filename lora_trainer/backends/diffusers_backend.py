@@ -88,6 +88,8 @@ class DiffusersBundle:
         self.weight_dtype = torch.float32
         self._saved: list[tuple[nn.Module, dict[str, Any]]] = []
         self._checkpointed: list[nn.Module] = []
+        self._compiled: Any = None  # torch.compile'd UNet while training with torch_compile
+        self._channels_last = False
 
     # -- network trees -----------------------------------------------------------------------------------------
     def network_trees(self) -> list[PartTree]:
@@ -120,6 +122,22 @@ class DiffusersBundle:
         self._set_attention(setup.attention)
         if setup.gradient_checkpointing:
             self._enable_checkpointing(setup)
+        self._channels_last = setup.channels_last
+        if setup.channels_last:
+            self.c.unet.to(memory_format=torch.channels_last)
+        # compiled lazily at the first call, i.e. after the network is attached
+        self._compiled = torch.compile(self.c.unet) if setup.torch_compile else None
+
+    def _parts(self, part: str) -> list[nn.Module]:
+        return {"vae": [self.c.vae], "text_encoders": list(self.c.text_encoders)}[part]
+
+    def offload(self, part: str) -> None:
+        for m in self._parts(part):
+            m.to("cpu")
+
+    def reload(self, part: str) -> None:
+        for m in self._parts(part):
+            m.to(self.device)
 
     def _vae_dtype(self, setup: TrainingSetup) -> torch.dtype:
         # The SDXL VAE overflows in fp16 (NaN latents); every VAE is fine in fp32 or bf16.
@@ -164,6 +182,10 @@ class DiffusersBundle:
                 q.requires_grad_(saved["flags"].get(n, q.requires_grad))
             module.train(saved["training"])
         self._saved.clear()
+        self._compiled = None
+        if self._channels_last:
+            self.c.unet.to(memory_format=torch.contiguous_format)
+            self._channels_last = False
         for module in self._checkpointed:
             if module is self.c.unet:
                 module.disable_gradient_checkpointing()
@@ -255,7 +277,8 @@ class DiffusersBundle:
         kwargs = {}
         if self.family == "sdxl":
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return self.c.unet(noisy_latents, timesteps, encoder_hidden_states=cond["context"], **kwargs).sample
+        unet = self._compiled if self._compiled is not None else self.c.unet
+        return unet(noisy_latents, timesteps, encoder_hidden_states=cond["context"], **kwargs).sample
 
     # -- samples -----------------------------------------------------------------------------------------------
     @torch.no_grad()

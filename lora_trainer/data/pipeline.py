@@ -168,6 +168,39 @@ def cache_latents(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tenso
 # Batches
 
 
+class TextCache:
+    """Text-encoder outputs per item, for runs whose captions never change (the text encoders can then leave the
+    GPU). Items whose captions need fewer 75-token chunks than others in a batch are padded with the encoding of an
+    empty chunk, which is exactly what encoding the batch together does (chunks are encoded independently)."""
+
+    def __init__(self) -> None:
+        self.per_item: dict[int, dict[str, torch.Tensor]] = {}
+        self.empty: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def fill(self, dataset: Dataset, encode: Callable[[list[str], list[SizeInfo]], dict[str, torch.Tensor]],
+             caption_opts: CaptionOptions) -> None:
+        rng = random.Random(0)  # captions are fixed here (validated); process_caption still wants a generator
+        self.empty = {k: v[0].cpu() for k, v in encode([""], [size_info(dataset.items[0])]).items()}
+        for i, item in enumerate(dataset.items):  # one at a time keeps each caption's own chunk count
+            caption = process_caption(item.caption, caption_opts, rng, 1)
+            self.per_item[i] = {k: v[0].cpu() for k, v in encode([caption], [size_info(item)]).items()}
+
+    def batch(self, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+        conds = [self.per_item[i] for i in indices]
+        out = {}
+        for key in conds[0]:
+            longest = max(c[key].shape[0] for c in conds) if conds[0][key].dim() > 1 else None
+            parts = [c[key] if longest is None else self._pad(key, c[key], longest) for c in conds]
+            out[key] = torch.stack(parts).to(device)
+        return out
+
+    def _pad(self, key: str, value: torch.Tensor, length: int) -> torch.Tensor:
+        while value.shape[0] < length:
+            value = torch.cat([value, self.empty[key]])
+        return value
+
+
 @dataclass
 class Batch:
     latents: torch.Tensor | None  # cached latents, or None when `pixels` must be encoded
@@ -175,6 +208,7 @@ class Batch:
     captions: list[str]
     sizes: list[SizeInfo]
     is_reg: torch.Tensor  # bool per sample
+    indices: list[int] | None = None  # dataset items, for the text-encoder cache
 
 
 class BatchBuilder:
@@ -193,9 +227,9 @@ class BatchBuilder:
         if self.cache is not None:
             lat = [self.cache.get(it, f) for it, f in zip(items, flips)]
             if all(x is not None for x in lat):
-                return Batch(torch.stack(lat), None, captions, [size_info(it) for it in items], is_reg)
+                return Batch(torch.stack(lat), None, captions, [size_info(it) for it in items], is_reg, indices)
         crop_rng = rng if self.aug.random_crop else None
         color_rng = rng if self.aug.color_aug else None
         prepared = [prepare_image(it, crop_rng, f, color_rng) for it, f in zip(items, flips)]
         pixels = torch.stack([p[0] for p in prepared])
-        return Batch(None, pixels, captions, [p[1] for p in prepared], is_reg)
+        return Batch(None, pixels, captions, [p[1] for p in prepared], is_reg, indices)

@@ -1,0 +1,120 @@
+"""Memory and speed features of the loop: OOM back-off, text-encoder output cache, VAE offload, benchmark smoke."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_trainer import memory
+from lora_trainer.errors import UserError
+from lora_trainer.train import TrainCallbacks, train
+
+from .conftest import base_config, tiny_bundle
+
+
+class OOMOnce:
+    """Makes the UNet run out of memory whenever a micro-batch holds more than `limit` images."""
+
+    def __init__(self, bundle, limit):
+        self.bundle, self.limit, self.sizes = bundle, limit, []
+        self._predict = bundle.predict
+        bundle.predict = self
+
+    def __call__(self, noisy, t, cond):
+        self.sizes.append(noisy.shape[0])
+        if noisy.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._predict(noisy, t, cond)
+
+
+def test_out_of_memory_halves_the_batch_and_continues_from_the_same_step(tmp_path, dataset_dir, caplog):
+    bundle = tiny_bundle()
+    oom = OOMOnce(bundle, limit=1)
+    cfg = base_config(dataset_dir, str(tmp_path), train_batch_size=4, max_train_steps=3)
+    steps = []
+    result = train(cfg, bundle, TrainCallbacks(on_progress=lambda p: steps.append(p.step) if p.phase == "training"
+                                               else None))
+    assert result.steps == 3 and steps == [1, 2, 3]
+    assert max(oom.sizes) == 4 and oom.sizes[-1] == 1  # tried 4, backed off to 2, then 1
+    assert "out of GPU memory: batch size 4 -> 2, gradient accumulation 1 -> 2" in caplog.text
+    assert "batch size 2 -> 1, gradient accumulation 2 -> 4" in caplog.text
+    assert all(torch.isfinite(v).all() for v in load_file(result.final_file).values())
+
+
+def test_out_of_memory_at_batch_one_is_a_clear_error(tmp_path, dataset_dir):
+    bundle = tiny_bundle()
+    OOMOnce(bundle, limit=0)
+    with pytest.raises(UserError, match="even at batch size 1"):
+        train(base_config(dataset_dir, str(tmp_path), train_batch_size=1), bundle)
+
+
+def test_oom_recognition_and_batch_split():
+    assert memory.is_oom(torch.cuda.OutOfMemoryError("x"))
+    assert memory.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
+    assert not memory.is_oom(RuntimeError("shape mismatch"))
+    assert memory.split_batch([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert memory.split_batch([7], 4) == [[7]]
+
+
+def test_cached_text_encoder_outputs_train_like_encoding_every_step(tmp_path, dataset_dir):
+    common = dict(network_train_unet_only=True, max_train_steps=2, max_token_length=150, train_batch_size=3)
+    plain = train(base_config(dataset_dir, str(tmp_path / "a"), **common), tiny_bundle())
+    bundle = tiny_bundle()
+    cached = train(base_config(dataset_dir, str(tmp_path / "b"), cache_text_encoder_outputs=True, offload_vae=True,
+                               **common), bundle)
+    a, b = load_file(plain.final_file), load_file(cached.final_file)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_text_cache_pads_short_captions_with_the_empty_chunk():
+    from lora_trainer.data.pipeline import TextCache
+
+    cache = TextCache()
+    cache.empty = {"context": torch.full((77, 2), -1.0)}
+    cache.per_item = {0: {"context": torch.ones(154, 2)}, 1: {"context": torch.zeros(77, 2)}}
+    out = cache.batch([0, 1], torch.device("cpu"))["context"]
+    assert out.shape == (2, 154, 2) and torch.equal(out[1, 77:], torch.full((77, 2), -1.0))
+
+
+def test_channels_last_computes_the_same_and_trains(tmp_path, dataset_dir):
+    from lora_trainer.model import TrainingSetup
+
+    from .test_networks import unet_inputs
+
+    def output(channels_last):
+        bundle = tiny_bundle()
+        bundle.prepare(TrainingSetup(torch.device("cpu"), torch.float32, True, True, False, "sdpa", None, 75,
+                                     channels_last=channels_last))
+        with torch.no_grad():
+            out = bundle.predict(*unet_inputs(bundle))
+        bundle.restore()
+        assert bundle.c.unet.conv_in.weight.is_contiguous()  # restore() puts the memory format back
+        return out
+
+    assert torch.allclose(output(False), output(True), atol=1e-5)
+    result = train(base_config(dataset_dir, str(tmp_path), max_train_steps=1, channels_last=True), tiny_bundle())
+    assert all(torch.isfinite(v).all() for v in load_file(result.final_file).values())
+
+
+def test_bench_json_smoke_on_the_cpu():
+    out = subprocess.run([sys.executable, "-m", "lora_trainer", "bench", "--steps", "2", "--warmup", "1", "--json",
+                          "--algo", "locon"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["device"] == "cpu" and r["algo"] == "locon" and r["steps"] == 2
+    assert r["images_per_s"] > 0 and r["it_per_s"] > 0 and r["peak_memory_gb"] > 0
+    assert set(r["time_split_s"]) == {"data", "forward", "backward", "optimizer", "sampling", "saving"}
+    assert r["flops_per_step"] > 0 and r["tflops"] > 0 and r["mfu"] is None  # no peak figure for a CPU
+
+
+def test_bench_compare_reports_ratios():
+    from lora_trainer.bench import compare
+
+    r = compare({"gradient_checkpointing": True}, family="sd1", steps=1, warmup=0, device_name="cpu")
+    assert r["changed"]["gradient_checkpointing"] is True and r["baseline"]["gradient_checkpointing"] is False
+    assert r["speed_ratio"] > 0 and r["memory_ratio"] > 0
