@@ -128,22 +128,21 @@ def bench_config(family: str, resolution: int | None, batch: int, algo: str, ove
     return cfgmod.with_overrides(base, overrides)
 
 
-def load_model(family: str, model: str, device: torch.device, dtype: torch.dtype):
-    """A bundle: the given checkpoint, the tiny model on a CPU, or the full-size family with random weights."""
+def load_model(family: str, model: str, device: torch.device, dtype: torch.dtype, full_size: bool | None = None):
+    """A bundle: the given checkpoint, the full-size family with random weights (default on a GPU), or the tiny
+    model (default on a CPU)."""
     from .backends.diffusers_backend import DiffusersBundle, load_bundle
 
     if model:
         return load_bundle(model, device=device)
-    if device.type != "cuda":
+    if not (device.type == "cuda" if full_size is None else full_size):
         return load_bundle(f"tiny-{family}", device=device)
-    from .backends.components import SDComponents
+    from .backends.components import SDComponents, build_from_spec
     from .backends.sd_configs import FULL
     from .backends.tokenizer import clip_tokenizer
 
     spec = FULL[family]
     with torch.device(device):  # random init straight on the GPU: seconds, not minutes
-        from .backends.components import build_from_spec
-
         unet, vae, tes = build_from_spec(spec)
     comps = SDComponents(family, unet.to(dtype), vae, [te.to(dtype) for te in tes],
                          [clip_tokenizer(p) for p in spec.pad_tokens], spec.prediction_type, spec.scaling_factor,
@@ -153,10 +152,10 @@ def load_model(family: str, model: str, device: torch.device, dtype: torch.dtype
 
 def run_bench(family: str = "sd1", resolution: int | None = None, batch: int = 1, algo: str = "lora",
               steps: int = 10, warmup: int = 3, overrides: dict[str, Any] | None = None, model: str = "",
-              device_name: str = "auto") -> dict[str, Any]:
+              device_name: str = "auto", full_size: bool | None = None) -> dict[str, Any]:
     device = resolve_device(device_name)
     cfg = bench_config(family, resolution, batch, algo, overrides or {}, device)
-    bundle = load_model(family, model, device, dtype_of(cfg.mixed_precision))
+    bundle = load_model(family, model, device, dtype_of(cfg.mixed_precision), full_size)
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as work:
         h = Harness(cfg, bundle, work)
         try:

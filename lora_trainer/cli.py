@@ -227,7 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     overrides = dict(_pairs(args.set))
     kw = dict(family=args.family, resolution=args.resolution, batch=args.batch, algo=args.algo, steps=args.steps,
-              warmup=args.warmup, overrides=overrides, model=args.model, device_name=args.device)
+              warmup=args.warmup, overrides=overrides, model=args.model, device_name=args.device,
+              full_size=args.full_size)
     report = bench.compare(dict(_pairs([args.compare])), **kw) if args.compare else bench.run_bench(**kw)
     if args.json:
         sys.stdout.write(json.dumps(report) + "\n")
@@ -299,6 +300,8 @@ def make_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--warmup", type=int, default=3)
     p_bench.add_argument("--model", default="", help="a checkpoint instead of random weights")
     p_bench.add_argument("--device", default="auto")
+    p_bench.add_argument("--full-size", dest="full_size", action="store_true", default=None,
+                         help="the full-size model even on a CPU (slow; the default on a GPU)")
     p_bench.add_argument("--set", nargs="*", metavar="OPTION=VALUE", help="config options for both runs")
     p_bench.add_argument("--compare", metavar="OPTION=VALUE", help="run twice, the second time with this change")
     p_bench.add_argument("--json", action="store_true")

@@ -435,6 +435,12 @@ class Trainer:
                     " continuing from step %d", batch, math.ceil(batch / 2), accum // 2, accum,
                     self.scheduler.last_epoch + 1)
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """CPU tensors go to the GPU from pinned memory, without blocking the host."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def _apply_gradients(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -451,9 +457,9 @@ class Trainer:
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Noise the latents at random timesteps and regress the model's prediction onto the target."""
         latents = batch.latents if batch.latents is not None else self.bundle.encode_images(batch.pixels)
-        latents = latents.to(self.device, torch.float32)
-        noise = losses.sample_noise(latents.shape, self.noise_gen, self.cfg.noise_offset).to(self.device)
-        t = losses.sample_timesteps(latents.shape[0], len(self.alphas), self.noise_gen).to(self.device)
+        latents = self._to_device(latents).float()
+        noise = self._to_device(losses.sample_noise(latents.shape, self.noise_gen, self.cfg.noise_offset))
+        t = self._to_device(losses.sample_timesteps(latents.shape[0], len(self.alphas), self.noise_gen))
         a = self.alphas[t]
         noisy = losses.noisy_latents(latents, noise, a)
         if self.text_cache is not None and batch.indices is not None:

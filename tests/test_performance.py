@@ -118,3 +118,22 @@ def test_bench_compare_reports_ratios():
     r = compare({"gradient_checkpointing": True}, family="sd1", steps=1, warmup=0, device_name="cpu")
     assert r["changed"]["gradient_checkpointing"] is True and r["baseline"]["gradient_checkpointing"] is False
     assert r["speed_ratio"] > 0 and r["memory_ratio"] > 0
+
+
+def test_full_size_bench_path_builds_the_family_from_its_spec(monkeypatch):
+    """The GPU path (random full-size weights) exercised on the CPU with the tiny spec standing in."""
+    from lora_trainer.backends import sd_configs
+    from lora_trainer.bench import run_bench
+
+    monkeypatch.setitem(sd_configs.FULL, "sdxl", sd_configs.TINY["tiny-sdxl"])
+    r = run_bench(family="sdxl", resolution=64, steps=1, warmup=0, device_name="cpu", full_size=True)
+    assert r["family"] == "sdxl" and r["images_per_s"] > 0
+
+
+def test_shared_memory_spill_is_detected(monkeypatch):
+    monkeypatch.setattr(memory, "total_memory_gb", lambda device: 8.0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 9.5 * 2**30)
+    warning = memory.shared_memory_warning(torch.device("cuda"))
+    assert warning and "9.5 GB on a 8.0 GB card" in warning
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 7.0 * 2**30)
+    assert memory.shared_memory_warning(torch.device("cuda")) is None
