@@ -218,7 +218,9 @@ class TrainConfig:
                               "performance")
 
     # --- saving ------------------------------------------------------------------------------------------------
-    output_dir: str = opt("output", "Folder for the trained network, samples and logs.", "saving")
+    output_dir: str = opt("output", "Folder for the trained network files.", "saving")
+    work_dir: str = opt("", "Folder for samples, logs, training states and the saved config. Empty = output_dir.",
+                        "saving")
     output_name: str = opt("my_lora", "File name of the trained network (no extension).", "saving")
     save_model_as: str = opt("safetensors", "File format.", "saving", choices=("safetensors", "ckpt", "pt"))
     save_precision: str = opt("fp16", "Precision of the saved weights.", "saving", choices=("float", "fp16", "bf16"))
@@ -250,7 +252,7 @@ class TrainConfig:
 
     # --- logging -----------------------------------------------------------------------------------------------
     log_with: str = opt("", "Also log to TensorBoard.", "logging", choices=("", "tensorboard"))
-    log_dir: str = opt("", "Folder for logs. Empty = <output_dir>/logs.", "logging")
+    log_dir: str = opt("", "Folder for logs. Empty = <work_dir>/logs.", "logging")
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -282,8 +284,12 @@ class TrainConfig:
         return not self.network_train_unet_only
 
     @property
+    def resolved_work_dir(self) -> str:
+        return self.work_dir or self.output_dir
+
+    @property
     def resolved_log_dir(self) -> str:
-        return self.log_dir or os.path.join(self.output_dir, "logs")
+        return self.log_dir or os.path.join(self.resolved_work_dir, "logs")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return from_dict({**to_dict(self), **changes}, versioned=False)

@@ -69,6 +69,7 @@ class TrainCallbacks:
     should_stop: Callable[[], bool] | None = None
     should_pause: Callable[[], bool] | None = None
     sample_now: Callable[[], bool] | None = None
+    before_detach: Callable[[str | None], None] | None = None  # after the final save, network still attached
 
 
 @dataclass
@@ -132,7 +133,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def config_fingerprint(cfg: TrainConfig) -> str:
     """Hash of the options that shape the training trajectory (not paths, intervals or lengths)."""
-    ignore = {"output_dir", "output_name", "resume", "overwrite", "save_json_only", "json_load_skip_list",
+    ignore = {"output_dir", "work_dir", "output_name", "resume", "overwrite", "save_json_only", "json_load_skip_list",
               "training_comment", "log_with", "log_dir", "max_train_epochs", "max_train_steps", "device"}
     ignore |= {n for n in cfgmod.field_names() if n.startswith(("save_", "sample_"))}
     d = {k: v for k, v in cfgmod.to_dict(cfg).items() if k not in ignore}
@@ -192,6 +193,11 @@ class Trainer:
             self._maybe_sample_first(position)
             position = self._train_loop(position)
             final = self._save_final(position)
+            if self.cb.before_detach is not None and not self.stopped:
+                for part in self._offloaded():
+                    self.bundle.reload(part)
+                with torch.no_grad(), eval_mode(self.network):
+                    self.cb.before_detach(final)
         finally:
             if self.network is not None:
                 self.network.remove()
@@ -234,7 +240,7 @@ class Trainer:
                             f"replace it")
 
     def _dry_run(self) -> TrainResult:
-        base = os.path.join(self.cfg.output_dir, self.cfg.output_name)
+        base = os.path.join(self.cfg.resolved_work_dir, self.cfg.output_name)
         cfgmod.save_json(self.cfg, base + "_config.json")
         info = {"plan": self.plan.as_dict(), "explain": self.plan.explain(),
                 "buckets": {f"{w}x{h}": n for (w, h), n in self.dataset.bucket_counts().items()},
@@ -585,7 +591,7 @@ class Trainer:
         path = os.path.join(self.cfg.output_dir, f"{stem}.{self.cfg.save_model_as}")
         self._save_network(path, pos, stem)
         if self.cfg.save_state:
-            self._save_state(path_stem=os.path.join(self.cfg.output_dir, stem), pos=pos)
+            self._save_state(path_stem=os.path.join(self.cfg.resolved_work_dir, stem), pos=pos)
         if by_step:
             self.step_files.append((pos.step, path))
             self._prune_step_saves(pos.step)
@@ -605,7 +611,8 @@ class Trainer:
             self._remove_save(self.step_files.pop(0)[1])
 
     def _remove_save(self, path: str) -> None:
-        for p in (path, os.path.splitext(path)[0] + "-state"):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for p in (path, os.path.join(self.cfg.resolved_work_dir, f"{stem}-state")):
             if os.path.isdir(p):
                 shutil.rmtree(p, ignore_errors=True)
             elif os.path.exists(p):
@@ -633,12 +640,12 @@ class Trainer:
             stem = f"{c.output_name}-step{pos.step:08d}"
             path = self._save_network(os.path.join(c.output_dir, f"{stem}.{c.save_model_as}"), pos, stem)
             if c.save_state:
-                self._save_state(os.path.join(c.output_dir, stem), pos)
+                self._save_state(os.path.join(c.resolved_work_dir, stem), pos)
             log.info("stopped at step %d; saved %s", pos.step, path)
         else:
             path = self._save_network(self._final_path(), pos, c.output_name)
             if c.save_state:
-                self._save_state(os.path.join(c.output_dir, c.output_name), pos)
+                self._save_state(os.path.join(c.resolved_work_dir, c.output_name), pos)
             if (c.sample_every_n_epochs or c.sample_every_n_steps) and self._last_sample_step != pos.step:
                 self._sample(pos, "final")
         self._charts()
@@ -662,7 +669,7 @@ class Trainer:
             return
         self._last_sample_step = pos.step
         self._progress("sampling", step=pos.step, message=f"rendering {len(prompts)} sample(s)")
-        folder = os.path.join(self.cfg.output_dir, "sample")
+        folder = os.path.join(self.cfg.resolved_work_dir, "sample")
         rng_state = torch.get_rng_state()
         for part in self._offloaded():
             self.bundle.reload(part)
@@ -686,7 +693,7 @@ class Trainer:
         log_dir = self.cfg.resolved_log_dir
         self.metrics = MetricsLog(os.path.join(log_dir, f"{self.cfg.output_name}_metrics.jsonl"), self.prior_metrics)
         self.tb = TensorBoardLog(os.path.join(log_dir, "tensorboard")) if self.cfg.log_with == "tensorboard" else None
-        cfgmod.save_json(self.cfg, os.path.join(self.cfg.output_dir, f"{self.cfg.output_name}_config.json"))
+        cfgmod.save_json(self.cfg, os.path.join(self.cfg.resolved_work_dir, f"{self.cfg.output_name}_config.json"))
 
     def _close_logs(self) -> None:
         for name in ("metrics", "tb"):
@@ -701,7 +708,7 @@ class Trainer:
     def _write_tag_file(self) -> None:
         if not self.cfg.tag_occurrence_txt_file:
             return
-        path = os.path.join(self.cfg.output_dir, f"{self.cfg.output_name}_tag_frequency.txt")
+        path = os.path.join(self.cfg.resolved_work_dir, f"{self.cfg.output_name}_tag_frequency.txt")
         text = format_tag_file(self.dataset.tag_frequency(), self.cfg.sort_tag_occurrence_alphabetically)
         atomic_write_text(path, text)
 

@@ -91,3 +91,24 @@ def merge_into(modules_by_key: dict[str, torch.nn.Module], tensors: dict[str, to
             continue
         layer.weight += delta_weight(w, layer.weight, multiplier).to(layer.weight.dtype)
     return unmatched
+
+
+@torch.no_grad()
+def merge_into_targets(targets, tensors: dict[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
+    """Like `merge_into`, for network targets; q/k/v/out of a fused nn.MultiheadAttention are merged into the
+    matching chunk of `in_proj_weight` or into `out_proj.weight`, as A1111 does for OpenCLIP text encoders."""
+    by_key = {t.key: t for t in targets}
+    unmatched = []
+    for key, w in group_by_module(tensors).items():
+        t = by_key.get(key)
+        if t is None:
+            unmatched.append(key)
+            continue
+        if t.fused is None:
+            t.module.weight += delta_weight(w, t.module.weight, multiplier).to(t.module.weight.dtype)
+            continue
+        mha, idx = t.fused
+        d = mha.embed_dim
+        target = mha.out_proj.weight if idx == 3 else mha.in_proj_weight[idx * d:(idx + 1) * d]
+        target += delta_weight(w, target, multiplier).to(target.dtype)
+    return unmatched

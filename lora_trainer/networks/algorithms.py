@@ -112,6 +112,12 @@ def delta_locon(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
     return y * (m.scale * m.multiplier * m.scalar.to(y.dtype))
 
 
+def weight_locon(m: nn.Module, shape: torch.Size) -> Tensor:
+    up, down = m.lora_up.weight, m.lora_down.weight
+    w = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return w.reshape(shape) * (m.scale * m.scalar)
+
+
 def weight_loha(m: nn.Module, shape: torch.Size) -> Tensor:
     w1 = m.hada_w1_a @ m.hada_w1_b
     w2 = m.hada_w2_a @ m.hada_w2_b
@@ -136,24 +142,41 @@ def _weight_delta(weight_fn: Callable[[nn.Module, torch.Size], Tensor]):
     return delta
 
 
-def delta_dylora(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
-    """DyLoRA: each training forward uses ranks [0, (b+1)*unit) with only block b trainable; scale alpha/dim, which
-    is what loaders apply at every truncation (A1111's `dyn`), so each truncated rank is itself a valid LoRA."""
-    blocks = m.block_count
+def _dylora_factors(m: nn.Module) -> tuple[Tensor, Tensor]:
+    """(down, up) of the ranks this forward uses: in training [0, (b+1)*unit) with only block b trainable."""
     if m.training:
-        b = int(torch.randint(0, blocks, (1,)).item())  # torch RNG: replayed exactly under checkpointing
+        b = int(torch.randint(0, m.block_count, (1,)).item())  # torch RNG: replayed exactly under checkpointing
         downs = [d.detach() for d in m.down_list[:b]] + [m.down_list[b]]
         ups = [u.detach() for u in m.up_list[:b]] + [m.up_list[b]]
     else:
         downs, ups = list(m.down_list), list(m.up_list)
-    down = torch.cat(downs).to(x.dtype)
-    up = torch.cat(ups, dim=1).to(x.dtype)
+    return torch.cat(downs), torch.cat(ups, dim=1)
+
+
+def delta_dylora(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+    """DyLoRA: each training forward uses a random leading block of ranks; the scale is alpha/dim, which is what
+    loaders apply at every truncation (A1111's `dyn`), so each truncated rank is itself a valid LoRA."""
+    down, up = (t.to(x.dtype) for t in _dylora_factors(m))
     if isinstance(layer, nn.Conv2d):
         h = F.conv2d(x, down.reshape(down.shape[0], -1, *layer.kernel_size), None, **_conv_kwargs(layer))
         y = F.conv2d(h, up[:, :, None, None])
     else:
         y = F.linear(F.linear(x, down), up)
     return y * (m.scale * m.multiplier)
+
+
+def weight_dylora(m: nn.Module, shape: torch.Size) -> Tensor:
+    down, up = _dylora_factors(m)
+    return (up @ down).reshape(shape) * m.scale
+
+
+def fused_weight(algo: Algorithm, m: nn.Module, shape: torch.Size) -> Tensor:
+    """The weight delta of one projection of a fused attention (multiplier and rank dropout applied)."""
+    w = algo.weight(m, shape)
+    if m.rank_dropout and m.training and algo.name != "dylora":
+        keep = (torch.rand(w.shape[0], device=w.device) > m.rank_dropout).to(w.dtype)
+        w = w * keep.view(-1, *([1] * (w.dim() - 1)))
+    return w * m.multiplier
 
 
 def output_ia3(m: nn.Module, org_forward: Callable, x: Tensor, *args, **kwargs) -> Tensor:
@@ -222,6 +245,7 @@ class Algorithm:
     export: Callable[[nn.Module], dict[str, Tensor]]
     load: Callable[[nn.Module, dict[str, Tensor]], None]
     delta: Callable[[nn.Module, nn.Module, Tensor], Tensor] | None = None  # additive algorithms
+    weight: Callable[[nn.Module, torch.Size], Tensor] | None = None  # weight delta (fused attention projections)
     output: Callable | None = None  # algorithms that change the layer's output in another way (IA3)
     kohya_module: str = "lycoris.kohya"  # ss_network_module
     diffusers_loadable: bool = False
@@ -230,19 +254,20 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("lora", False, False, _build_locon, export_lycoris, import_lycoris, delta=delta_locon,
-              kohya_module="networks.lora", diffusers_loadable=True,
+              weight=weight_locon, kohya_module="networks.lora", diffusers_loadable=True,
               file_keys=("lora_down.weight", "lora_up.weight", "alpha")),
     Algorithm("locon", True, False, _build_locon, export_lycoris, import_lycoris, delta=delta_locon,
-              kohya_module="networks.lora", diffusers_loadable=True,
+              weight=weight_locon, kohya_module="networks.lora", diffusers_loadable=True,
               file_keys=("lora_down.weight", "lora_up.weight", "alpha")),
     Algorithm("loha", True, False, _build_loha, export_lycoris, import_lycoris,
-              delta=_weight_delta(weight_loha),
+              delta=_weight_delta(weight_loha), weight=weight_loha,
               file_keys=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")),
     Algorithm("lokr", True, False, _build_lokr, export_lycoris, import_lycoris,
-              delta=_weight_delta(weight_lokr), file_keys=("lokr_w1", "lokr_w2", "alpha")),
+              delta=_weight_delta(weight_lokr), weight=weight_lokr, file_keys=("lokr_w1", "lokr_w2", "alpha")),
     Algorithm("ia3", False, True, _build_ia3, export_ia3, import_lycoris, output=output_ia3,
               file_keys=("weight", "on_input")),
     Algorithm("dylora", True, False, _build_dylora, export_dylora, import_dylora, delta=delta_dylora,
+              weight=weight_dylora,
               kohya_module="networks.dylora", file_keys=("lora_down.weight", "lora_up.weight", "alpha")),
 )}
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -52,15 +53,25 @@ class LoraNetwork(nn.Module):
 
     # -- attaching ---------------------------------------------------------------------------------------------
     def apply_to(self) -> None:
-        """Wrap every target layer's forward. Idempotent."""
+        """Wrap every target layer's forward (fused attentions: the attention module's). Idempotent."""
+        fused: dict[int, list[Target]] = {}
         for t in self.targets:
-            if t.key in self._attached:
-                continue
-            mod = self.modules_by_key[t.key]
-            previous = t.module.__dict__.get("forward", _MISSING)
-            org_forward = t.module.forward
-            t.module.forward = self._make_forward(mod, t.module, org_forward)
-            self._attached[t.key] = _Attachment(t.module, previous)
+            if t.fused is not None:
+                fused.setdefault(id(t.fused[0]), []).append(t)
+            elif t.key not in self._attached:
+                forward = self._make_forward(self.modules_by_key[t.key], t.module, t.module.forward)
+                self._attach(t.key, t.module, forward)
+        for group in fused.values():
+            mha = group[0].fused[0]
+            projections = {t.fused[1]: self.modules_by_key[t.key] for t in group}
+            key = f"{group[0].key}#attention"
+            if key not in self._attached:
+                self._attach(key, mha, _fused_attention_forward(self.algo, mha, projections))
+
+    def _attach(self, key: str, layer: nn.Module, forward) -> None:
+        previous = layer.__dict__.get("forward", _MISSING)
+        layer.forward = forward
+        self._attached[key] = _Attachment(layer, previous)
 
     def remove(self) -> None:
         """Restore every wrapped layer exactly as it was before `apply_to`."""
@@ -173,6 +184,38 @@ def _additive_forward(delta, mod: nn.Module, layer: nn.Module, org_forward):
         if _skip(mod):
             return out
         return out + delta(mod, layer, x).to(out.dtype)
+    return forward
+
+
+def _fused_attention_forward(algo, mha: nn.MultiheadAttention, projections: dict[int, nn.Module]):
+    """nn.MultiheadAttention with the network's q/k/v deltas added to the fused `in_proj_weight` chunks and the out
+    delta to `out_proj.weight` (which is exactly how A1111 applies such a file), computed like the module's own
+    (non-fast-path) forward."""
+    from .algorithms import fused_weight
+
+    d = mha.embed_dim
+
+    def delta(i: int) -> torch.Tensor | None:
+        m = projections.get(i)
+        return None if m is None or _skip(m) else fused_weight(algo, m, torch.Size((d, d)))
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        dq = [delta(i) for i in range(3)]
+        in_w = mha.in_proj_weight
+        if any(x is not None for x in dq):
+            zero = torch.zeros((d, d), device=in_w.device, dtype=in_w.dtype)
+            in_w = in_w + torch.cat([x.to(in_w.dtype) if x is not None else zero for x in dq])
+        out_d = delta(3)
+        out_w = mha.out_proj.weight if out_d is None else mha.out_proj.weight + out_d.to(mha.out_proj.weight.dtype)
+        if mha.batch_first:
+            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, d, mha.num_heads, in_w, mha.in_proj_bias, mha.bias_k, mha.bias_v, mha.add_zero_attn,
+            mha.dropout, out_w, mha.out_proj.bias, training=mha.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+            is_causal=is_causal)
+        return (out.transpose(1, 0) if mha.batch_first else out), weights
     return forward
 
 

@@ -21,10 +21,11 @@ KeyFn = Callable[[str], str]  # module path inside the part's root -> kohya key
 @dataclass
 class Target:
     key: str
-    module: nn.Module
+    module: nn.Module  # the layer; for a fused projection, a weightless stand-in with its shape
     part: str  # "unet", "te", "te1", "te2"
     conv_kxk: bool = False  # a conv with a kernel larger than 1x1: uses conv_dim / conv_alpha
     on_input: bool = False  # IA3: scale the layer's input instead of its output
+    fused: tuple[nn.MultiheadAttention, int] | None = None  # (attention, 0..3 = q, k, v, out) of a fused MHA
 
 
 @dataclass
@@ -36,6 +37,7 @@ class PartTree:
     kind: str  # a key of TREE_KINDS
     key_fn: KeyFn
     fused_attention_in_webui: bool = False  # SD2 TE, SDXL TE2: A1111 applies q/k/v/out only all together
+    layers: int | None = None  # only the first N transformer layers (A1111's SD2 encoder runs 23 of 24)
 
     @property
     def is_unet(self) -> bool:
@@ -72,6 +74,8 @@ def find_targets(tree: PartTree, *, conv: bool, ia3: bool = False) -> list[Targe
         found = _unet_targets(tree, TREE_KINDS[tree.kind], conv, ia3)
     elif tree.kind == "hf_clip":
         found = _clip_targets(tree, ia3)
+    elif tree.kind == "open_clip":
+        found = _open_clip_targets(tree, ia3)
     else:
         raise ValueError(f"unknown tree kind {tree.kind!r}")
     keys = [t.key for t in found]
@@ -112,3 +116,39 @@ def _clip_targets(tree: PartTree, ia3: bool) -> list[Target]:
                 continue
         out.append(Target(tree.key_fn(path), module, tree.part, False, on_input=ia3 and path.endswith("mlp.fc2")))
     return out
+
+
+_OPEN_CLIP_LAYER = re.compile(r"(?:^|\.)resblocks\.(\d+)\.(attn|mlp\.c_fc|mlp\.c_proj)$")
+_OPEN_CLIP_NAMES = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _open_clip_targets(tree: PartTree, ia3: bool) -> list[Target]:
+    """OpenCLIP text towers (SD2, SDXL's second encoder): `resblocks.N.attn` is an nn.MultiheadAttention whose
+    q/k/v live in one fused `in_proj_weight` and whose `out_proj.forward` is never called. Each projection gets a
+    target named like HF CLIP's (`encoder.layers.N.self_attn.q_proj`, which is what kohya writes) with a weightless
+    stand-in layer for its shape; the network wraps the attention module itself."""
+    out = []
+    for path, module in tree.root.named_modules():
+        m = _OPEN_CLIP_LAYER.search(path)
+        if not m or (tree.layers is not None and int(m.group(1)) >= tree.layers):
+            continue
+        layer, kind = m.group(1), m.group(2)
+        if kind != "attn":
+            if ia3 and kind != "mlp.c_proj":
+                continue
+            name = f"encoder.layers.{layer}.{_OPEN_CLIP_NAMES[kind]}"
+            out.append(Target(tree.key_fn(name), module, tree.part, on_input=ia3))
+        elif not ia3 and isinstance(module, nn.MultiheadAttention):
+            out.extend(_projection_targets(tree, module, layer))
+    return out
+
+
+def _projection_targets(tree: PartTree, mha: nn.MultiheadAttention, layer: str) -> list[Target]:
+    d = mha.embed_dim
+    targets = []
+    for idx, proj in enumerate(_PROJECTIONS):
+        stand_in = nn.Linear(d, d, bias=False, device="meta")  # shape only; never called
+        targets.append(Target(tree.key_fn(f"encoder.layers.{layer}.self_attn.{proj}"), stand_in, tree.part,
+                              fused=(mha, idx)))
+    return targets
