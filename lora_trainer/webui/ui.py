@@ -1,0 +1,332 @@
+"""The Train LoRA tab (Gradio 3.41, as the WebUI ships it), generated from TrainConfig's fields.
+
+Every option is one component named after its field; sections follow the fields' groups; fields that do not apply
+to the chosen algorithm, optimizer or preset are hidden. The Train button starts the run in the job manager and the
+JavaScript side follows it through the WebUI's progress API (progress bar, live preview, Interrupt).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from typing import Any
+
+from .. import config as cfgmod
+from .. import presets
+from ..config import TrainConfig
+from ..errors import ConfigError, UserError
+from . import host
+from .job import MANAGER, status_html
+
+log = logging.getLogger(__name__)
+
+TAB_ID = "lora_trainer"
+# Options the WebUI decides (the loaded model, its precision and attention) or that make no sense in a tab.
+HIDDEN_IN_WEBUI = {"pretrained_model_name_or_path", "model_family", "vae", "v_parameterization", "device",
+                   "mixed_precision", "sdpa", "xformers", "channels_last", "torch_compile", "save_json_only"}
+SECTIONS = (("dataset", "Dataset"), ("network", "Network"), ("training", "Training"),
+            ("performance", "Performance"), ("saving", "Saving"), ("samples", "Samples"), ("model", "Model"),
+            ("logging", "Logging"))
+# fields whose value decides which other fields apply
+DRIVERS = ("network_module", "enable_bucket", "cache_latents", "lr_scheduler", "network_train_unet_only",
+           "network_train_text_encoder_only", "tag_occurrence_txt_file")
+NO_PRESET = "(none)"
+
+
+def tab_fields() -> list[cfgmod.FieldSpec]:
+    return [f for f in cfgmod.fields() if f.name not in HIDDEN_IN_WEBUI]
+
+
+def webui_defaults() -> TrainConfig:
+    """Defaults as the tab shows them: files go to the Lora folder (output_dir relative to it)."""
+    return TrainConfig(output_dir="")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# values <-> config
+
+
+def display_value(spec: cfgmod.FieldSpec, value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(value)
+    if spec.choices is not None:
+        return str(value)
+    return value
+
+
+def config_from_values(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """The config the tab's components describe (raises ConfigError naming every bad field)."""
+    base = base or webui_defaults()
+    overrides = {}
+    for name, value in values.items():
+        spec = cfgmod.field_spec(name)
+        if spec.choices is not None and spec.base_type is int and value not in (None, ""):
+            value = int(value)
+        overrides[name] = value
+    return cfgmod.with_overrides(base, overrides)
+
+
+def lenient_config(values: dict[str, Any]) -> TrainConfig:
+    """Best effort for deciding visibility while the user is still typing: bad values fall back to defaults."""
+    base = webui_defaults()
+    good = {}
+    for name, value in values.items():
+        try:
+            good[name] = cfgmod.coerce(name, int(value) if name == "max_token_length" and value else value)
+        except (ValueError, UserError):
+            continue
+    try:
+        return TrainConfig(**{**cfgmod.to_dict(base), **good})
+    except TypeError:
+        return base
+
+
+def visibility(cfg: TrainConfig, preset: str | None) -> dict[str, bool]:
+    shown = set(presets.applicable_fields(cfg, None if preset in (None, "", NO_PRESET) else preset))
+    return {f.name: f.name in shown for f in tab_fields()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model info, wizard
+
+
+def model_info_html() -> str:
+    model = host.loaded_model()
+    if model is None:
+        return "<b>No checkpoint loaded.</b> Load one in the checkpoint dropdown at the top of the page."
+    try:
+        family = host.model_family(model)
+    except ValueError as e:
+        return f"<b>{html.escape(str(e))}</b>: Train LoRA supports SD1.x, SD2.x and SDXL."
+    v = " (v-prediction)" if getattr(model, "parameterization", "eps") == "v" else ""
+    vae = host.loaded_vae_name() or "the checkpoint's own"
+    return (f"<b>{html.escape(host.checkpoint_name(model))}</b> &middot; {family.upper()}{v} &middot; VAE: "
+            f"{html.escape(vae)}")
+
+
+def wizard_for(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
+    """Run the Performance Wizard on this GPU and the loaded model; returns (values, explanation HTML)."""
+    import torch
+
+    from .. import wizard
+    from ..train import preflight
+
+    model = host.loaded_model()
+    if model is None:
+        raise UserError("load a checkpoint first: the wizard sizes the run for the loaded model")
+    device = host.devices().device
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda") / 2**30
+    hw = wizard.detect_hardware(torch.device(device), host_model_gb=held)
+    images = preflight(cfg.replace(save_json_only=True, output_dir=os.path.join(host.lora_dir(), cfg.output_dir)))
+    rec = wizard.recommend(hw, wizard.DatasetStats(images.num_train_images), cfg, host.model_family(model))
+    values = {k: v for k, v in rec.values().items() if k not in HIDDEN_IN_WEBUI}
+    rows = "".join(f"<tr><td>{html.escape(p.field)}</td><td>{html.escape(str(p.value))}</td>"
+                   f"<td>{html.escape(p.reason)}</td></tr>" for p in rec.picks)
+    warn = "".join(f"<p class='lora-trainer-warning'>{html.escape(w)}</p>" for w in rec.warnings)
+    head = (f"<p>{html.escape(hw.name)}: {hw.total_vram_gb:.1f} GB, {hw.free_vram_gb:.1f} GB free (the loaded model "
+            f"holds {held:.1f} GB); estimated peak {rec.estimated_peak_gb:.1f} GB</p>")
+    return values, f"{head}<table class='lora-trainer-table'>{rows}</table>{warn}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gradio
+
+
+def build_tab():
+    import gradio as gr
+
+    specs = tab_fields()
+    base = webui_defaults()
+    comps: dict[str, Any] = {}
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row(elem_id=f"{TAB_ID}_model_row"):
+            model_html = gr.HTML(model_info_html(), elem_id=f"{TAB_ID}_model")
+            model_refresh = gr.Button("Refresh model info", elem_id=f"{TAB_ID}_model_refresh")
+        with gr.Row():
+            preset = gr.Dropdown([NO_PRESET, *presets.PRESETS], value=NO_PRESET, label="Preset",
+                                 elem_id=f"{TAB_ID}_preset")
+            wizard_btn = gr.Button("Performance Wizard", elem_id=f"{TAB_ID}_wizard")
+        wizard_html = gr.HTML(elem_id=f"{TAB_ID}_wizard_result")
+        with gr.Row():
+            params_path = gr.Textbox(label="Params file (JSON; kohya names)", elem_id=f"{TAB_ID}_params_path")
+            load_btn = gr.Button("Load params", elem_id=f"{TAB_ID}_load")
+            save_btn = gr.Button("Save params", elem_id=f"{TAB_ID}_save")
+        for group, title in SECTIONS:
+            group_specs = [s for s in specs if s.group == group]
+            with gr.Accordion(title, open=group in ("dataset", "network", "training"), elem_id=f"{TAB_ID}_{group}"):
+                for spec in group_specs:
+                    comps[spec.name] = _component(gr, spec, getattr(base, spec.name))
+        with gr.Row():
+            train_btn = gr.Button("Train", variant="primary", elem_id=f"{TAB_ID}_train")
+            stop_btn = gr.Button("Stop", elem_id=f"{TAB_ID}_stop")
+            pause_btn = gr.Button("Pause / continue", elem_id=f"{TAB_ID}_pause")
+            sample_btn = gr.Button("Sample now", elem_id=f"{TAB_ID}_sample")
+            send_btn = gr.Button("Send to txt2img", elem_id=f"{TAB_ID}_send")
+        task_id = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_task")
+        lora_prompt = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_lora_prompt")
+        status = gr.HTML(status_html(MANAGER.job.status) if MANAGER.job else "", elem_id=f"{TAB_ID}_status")
+        gr.HTML(elem_id=f"{TAB_ID}_progress")
+        gallery = gr.Gallery(label="Samples", elem_id=f"{TAB_ID}_gallery", columns=4)
+        chart = gr.Image(label="Loss", elem_id=f"{TAB_ID}_chart", interactive=False)
+        refresh_btn = gr.Button("Refresh", elem_id=f"{TAB_ID}_refresh", visible=False)
+        _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn,
+              save_btn, train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery,
+              chart, refresh_btn)
+    tab.lora_trainer_components = comps  # for tests and for A1111's ui-config defaults
+    return tab
+
+
+def _component(gr, spec: cfgmod.FieldSpec, value: Any):
+    label = spec.name
+    info = spec.help + (f" (only with {spec.when_text})" if spec.when_text else "")
+    elem = f"{TAB_ID}_{spec.name}"
+    if spec.base_type is bool:
+        return gr.Checkbox(value=bool(value), label=label, info=info, elem_id=elem)
+    if spec.choices is not None:
+        return gr.Dropdown([str(c) for c in spec.choices], value=str(value), label=label, info=info, elem_id=elem)
+    if spec.base_type in (int, float) and not spec.optional:
+        return gr.Number(value=value, label=label, info=info, precision=0 if spec.base_type is int else None,
+                         elem_id=elem)
+    return gr.Textbox(value=display_value(spec, value), label=label, info=info, elem_id=elem,
+                      placeholder="empty = default" if spec.optional else None)
+
+
+def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn, save_btn,
+          train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery, chart,
+          refresh_btn) -> None:
+    names = list(comps)
+    inputs = [comps[n] for n in names]
+
+    def values_of(args) -> dict[str, Any]:
+        return dict(zip(names, args))
+
+    def on_visibility(preset_name, *args):
+        vis = visibility(lenient_config(values_of(args)), preset_name)
+        return [gr.update(visible=vis[n]) for n in names]
+
+    for driver in (*DRIVERS, "optimizer_type"):
+        if driver in comps:
+            comps[driver].change(on_visibility, [preset, *inputs], inputs, show_progress=False)
+
+    def on_preset(preset_name, *args):
+        if preset_name in (None, "", NO_PRESET):
+            return [gr.update() for _ in names]
+        cfg = presets.apply(preset_name, lenient_config(values_of(args)))
+        vis = visibility(cfg, preset_name)
+        return [gr.update(value=display_value(cfgmod.field_spec(n), getattr(cfg, n)), visible=vis[n])
+                for n in names]
+
+    preset.change(on_preset, [preset, *inputs], inputs, show_progress=False)
+
+    def on_optimizer(opt_name, *args):
+        from ..optim import optimizer_defaults
+
+        updates = optimizer_defaults(opt_name)
+        return [gr.update(value=updates[n]) if n in updates else gr.update() for n in names]
+
+    if "optimizer_type" in comps:
+        comps["optimizer_type"].input(on_optimizer, [comps["optimizer_type"], *inputs], inputs, show_progress=False)
+
+    model_refresh.click(model_info_html, [], [model_html], show_progress=False)
+
+    def on_wizard(*args):
+        try:
+            cfg = config_from_values(values_of(args))
+            values, text = wizard_for(cfg)
+        except UserError as e:
+            return [gr.update() for _ in names] + [_error_html(e)]
+        return [gr.update(value=display_value(cfgmod.field_spec(n), values[n])) if n in values else gr.update()
+                for n in names] + [text]
+
+    wizard_btn.click(on_wizard, inputs, [*inputs, wizard_html])
+
+    def on_load(path, *args):
+        try:
+            current = lenient_config(values_of(args))
+            cfg = cfgmod.load_json(path, base=current)
+        except UserError as e:
+            return [gr.update() for _ in names] + [_error_html(e)]
+        return [gr.update(value=display_value(cfgmod.field_spec(n), getattr(cfg, n))) for n in names] + \
+            [f"loaded {html.escape(path)}"]
+
+    load_btn.click(on_load, [params_path, *inputs], [*inputs, status])
+
+    def on_save(path, *args):
+        try:
+            cfg = config_from_values(values_of(args))
+            path = path or os.path.join(host.lora_dir(), f"{cfg.output_name}_config.json")
+            cfgmod.save_json(cfg, path)
+        except UserError as e:
+            return _error_html(e)
+        return f"saved {html.escape(path)}"
+
+    save_btn.click(on_save, [params_path, *inputs], [status])
+
+    def on_train(id_task, *args):
+        try:
+            job = MANAGER.start(config_from_values(values_of(args)), id_task or "")
+        except UserError as e:
+            return _error_html(e)
+        return status_html(job.status)
+
+    train_btn.click(on_train, [task_id, *inputs], [status], _js="lora_trainer_start")
+    stop_btn.click(lambda: (MANAGER.stop(), "stopping after the current step")[1], [], [status])
+    pause_btn.click(_toggle_pause, [], [status])
+    sample_btn.click(lambda: (MANAGER.sample(), "a sample will be rendered after the current step")[1], [],
+                     [status])
+    refresh_btn.click(_refresh, [], [status, gallery, chart, lora_prompt])
+    send_btn.click(_lora_prompt, [], [lora_prompt], _js="lora_trainer_send_to_txt2img")
+
+
+def _toggle_pause() -> str:
+    job = MANAGER.job
+    if job is None:
+        return "nothing is training"
+    MANAGER.pause(not job.pause_requested)
+    return "paused after the current step" if job.pause_requested else "continuing"
+
+
+def _refresh():
+    job = MANAGER.job
+    if job is None:
+        return "", [], None, ""
+    cfg = job.effective_cfg or job.cfg
+    chart = os.path.join(cfg.resolved_log_dir, f"{cfg.output_name}_loss.png")
+    samples = [p for p in job.status.samples if os.path.isfile(p)][-8:]
+    return status_html(job.status), samples, chart if os.path.isfile(chart) else None, _lora_prompt()
+
+
+def _lora_prompt() -> str:
+    """`<lora:name:1>` plus the trigger words (the class names of the training folders)."""
+    job = MANAGER.job
+    if job is None:
+        return ""
+    triggers = trigger_words(job.cfg.train_data_dir)
+    name = job.status.lora_name or job.cfg.output_name
+    return ", ".join([*triggers, f"<lora:{name}:1>"])
+
+
+def trigger_words(train_data_dir: str) -> list[str]:
+    from ..data.dataset import _FOLDER_RE
+
+    if not train_data_dir or not os.path.isdir(train_data_dir):
+        return []
+    words = []
+    for name in sorted(os.listdir(train_data_dir)):
+        m = _FOLDER_RE.match(name)
+        if m and m.group(2).strip() and m.group(2).strip() not in words:
+            words.append(m.group(2).strip())
+    return words
+
+
+def _error_html(e: Exception) -> str:
+    lines = e.problems if isinstance(e, ConfigError) else [str(e)]
+    return "<div class='lora-trainer-error'>" + "<br>".join(html.escape(x) for x in lines) + "</div>"
+
+
+def config_json(values: dict[str, Any]) -> str:
+    return json.dumps(cfgmod.to_dict(config_from_values(values)), indent=2)
