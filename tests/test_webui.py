@@ -1,0 +1,259 @@
+"""The WebUI side on the host double: keys, the A1111 merge, a run through the API, and the host's integrity."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from lora_trainer.networks.algorithms import NetworkSettings
+from lora_trainer.networks.network import LoraNetwork
+from lora_trainer.synthetic import make_dataset
+
+from .a1111_emulation import merge_into_targets
+from .conftest import kohya_keys
+from .webui_double.host import webui
+
+pytest.importorskip("tests.webui_double.models")
+
+
+def bundle_for(host):
+    from lora_trainer.webui.bundle import WebUIBundle
+
+    return WebUIBundle(host.model)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_keys_on_the_webui_model_are_kohyas(tmp_path, family):
+    with webui(family, str(tmp_path)) as host:
+        trees = bundle_for(host).network_trees()
+        fixture = kohya_keys(family)
+        lora = {t.key for t in LoraNetwork("lora", trees, NetworkSettings(dim=2, alpha=1.0)).targets}
+        locon = {t.key for t in LoraNetwork("locon", trees, NetworkSettings(dim=2, alpha=1.0)).targets}
+        assert lora == {e["key"] for e in fixture if e["algo"] == "lora"}
+        assert locon == {e["key"] for e in fixture}
+
+
+def _randomize(net, std=0.05):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def _outputs(model, family):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((1, 4, 8, 8), generator=g)
+    t = torch.tensor([500])
+    prompts = ["a red circle, blue background"]
+    if family == "sdxl":
+        c = model.get_learned_conditioning(prompts)
+        return [model.apply_model(x, t, dict(c)), c["crossattn"], c["vector"]]
+    c = model.get_learned_conditioning(prompts)
+    return [model.apply_model(x, t, c), c]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("algo", ["lora", "locon", "loha", "lokr", "dylora"])
+def test_a1111_merge_of_the_file_reproduces_training_on_the_webui_model(tmp_path, family, algo):
+    """Including the OpenCLIP text encoders, whose q/k/v/out deltas go into the fused attention weights."""
+    from lora_trainer.webui.bundle import WebUIBundle
+
+    settings = NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, dylora_unit=2, lokr_factor=4)
+    with webui(family, str(tmp_path)) as host:
+        model = host.model
+        pristine = copy.deepcopy(model)
+        net = LoraNetwork(algo, WebUIBundle(model).network_trees(), settings)
+        _randomize(net, 0.2 if algo == "loha" else 0.05)
+        net.eval()
+        before = _outputs(model, family)
+        net.apply_to()
+        live = _outputs(model, family)
+        net.remove()
+        tensors = net.export_state_dict()
+        merged_net = LoraNetwork(algo, WebUIBundle(pristine).network_trees(), settings)
+        assert merge_into_targets(merged_net.targets, tensors) == []
+        merged = _outputs(pristine, family)
+    for b0, lv, mg in zip(before, live, merged):
+        effect = float((lv - b0).abs().max())
+        assert effect > 1e-4
+        assert float((lv - mg).abs().max()) <= 1e-4 * max(1.0, effect), (family, algo)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# runs through the job manager and the HTTP API
+
+
+def _wait(job, timeout=600):
+    job.thread.join(timeout)
+    assert not job.thread.is_alive(), "the training thread did not finish"
+    return job.status
+
+
+def _txt2img(host, prompt="a red circle", seed=7):
+    from modules import processing
+
+    p = processing.StableDiffusionProcessingTxt2Img(sd_model=host.model, prompt=prompt, negative_prompt="",
+                                                    seed=seed, steps=3, cfg_scale=5.0, width=64, height=64)
+    return processing.process_images(p).images[0]
+
+
+def _snapshot(model):
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: b.detach().clone() for n, b in model.named_buffers()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()},
+            {n for n, m in model.named_modules() if "forward" in m.__dict__})
+
+
+def _assert_same(a, b):
+    params_a, bufs_a, grads_a, modes_a, fwd_a = a
+    params_b, bufs_b, grads_b, modes_b, fwd_b = b
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a), "a parameter changed"
+    assert all(torch.equal(bufs_a[k], bufs_b[k]) for k in bufs_a), "a buffer changed"
+    assert grads_a == grads_b and modes_a == modes_b and fwd_a == fwd_b
+
+
+def _config(tmp_path, **kw):
+    from lora_trainer.config import TrainConfig
+
+    data = make_dataset(str(tmp_path / "data"), images=4, repeats=1, size=64, aspect_variety=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("shapetok, red circle --w 64 --h 64 --d 3 --s 3 --l 5\n")
+    values = dict(train_data_dir=data, output_dir="", output_name="webui_lora", resolution="64",
+                  min_bucket_reso=64, max_bucket_reso=128, network_dim=4, network_alpha=4.0, learning_rate=1e-3,
+                  train_batch_size=2, max_train_steps=4, seed=11, sample_prompts=str(prompts),
+                  sample_every_n_steps=2, save_precision="float")
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_run_saves_into_the_lora_folder_and_leaves_the_model_exactly_as_it_was(tmp_path, family):
+    from lora_trainer.webui.job import MANAGER
+
+    with webui(family, str(tmp_path)) as host:
+        host.shared.state.begin()
+        host.shared.state.end()
+        image_before = _txt2img(host)
+        snap = _snapshot(host.model)
+        job = MANAGER.start(_config(tmp_path, network_module="locon"))
+        status = _wait(job)
+        assert status.state == "finished", status.error
+        assert status.final_file == os.path.join(host.lora_dir, "webui_lora.safetensors")
+        assert "webui_lora" in host.networks.available_networks  # the Lora list was refreshed
+        assert status.samples and all(os.path.isfile(p) for p in status.samples)
+        assert status.check["ok"] and status.check["mean_diff"] < 0.01, status.check
+        _assert_same(snap, _snapshot(host.model))
+        image_after = _txt2img(host)
+        assert list(image_after.getdata()) == list(image_before.getdata())
+        assert list(_txt2img(host, "a red circle <lora:webui_lora:1>").getdata()) != list(image_before.getdata())
+
+
+def test_cancel_and_an_injected_failure_restore_the_model(tmp_path):
+    from lora_trainer.webui.job import MANAGER
+
+    with webui("sd1", str(tmp_path)) as host:
+        snap = _snapshot(host.model)
+        image_before = _txt2img(host)
+        job = MANAGER.start(_config(tmp_path, max_train_steps=200, sample_every_n_steps=None))
+        deadline = time.time() + 120
+        while job.status.step < 2 and time.time() < deadline and job.thread.is_alive():
+            time.sleep(0.05)
+        host.shared.state.interrupt()  # the WebUI's Interrupt button
+        status = _wait(job)
+        assert status.state == "stopped" and status.final_file and 2 <= status.step < 200
+        _assert_same(snap, _snapshot(host.model))
+
+        calls = {"n": 0}
+        real = host.model.apply_model
+
+        def failing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected failure")
+            return real(*a, **k)
+        host.model.apply_model = failing
+        try:
+            status = _wait(MANAGER.start(_config(tmp_path, output_name="failing", sample_every_n_steps=None)))
+        finally:
+            del host.model.apply_model
+        assert status.state == "failed" and "injected failure" in status.error
+        _assert_same(snap, _snapshot(host.model))
+        assert list(_txt2img(host).getdata()) == list(image_before.getdata())
+
+
+def test_lowvram_is_refused_with_a_clear_message(tmp_path):
+    from lora_trainer.webui.job import MANAGER
+
+    with webui("sd1", str(tmp_path)) as host:
+        host.shared.cmd_opts.lowvram = True
+        try:
+            status = _wait(MANAGER.start(_config(tmp_path)))
+        finally:
+            host.shared.cmd_opts.lowvram = False
+        assert status.state == "failed" and "--lowvram" in status.error
+
+
+def test_http_api_trains_and_reports(tmp_path):
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.config import to_dict
+    from lora_trainer.webui.api import register_routes
+    from lora_trainer.webui.job import MANAGER
+
+    app = fastapi.FastAPI()
+    register_routes(app)
+    client = TestClient(app)
+    with webui("sd1", str(tmp_path)) as host:
+        body = to_dict(_config(tmp_path, output_name="api_lora"))
+        r = client.post("/lora-trainer/v1/train", json=body)
+        assert r.status_code == 200, r.text
+        busy = client.post("/lora-trainer/v1/train", json=body)
+        assert busy.status_code in (200, 409)  # 409 while the first run is still going
+        status = _wait(MANAGER.job)
+        assert status.state == "finished", status.error
+        got = client.get("/lora-trainer/v1/status").json()
+        assert got["final_file"].endswith("api_lora.safetensors") and got["state"] == "finished"
+        assert "api_lora" in host.networks.available_networks
+        bad = client.post("/lora-trainer/v1/train", json={"network_dim": 0})
+        assert bad.status_code == 422 and "network_dim" in json.dumps(bad.json())
+        assert client.get("/lora-trainer/v1/options").json()[0]["name"] == "pretrained_model_name_or_path"
+        host.shared.cmd_opts.api_auth = "user:secret"
+        try:
+            assert client.get("/lora-trainer/v1/status").status_code == 401
+            assert client.get("/lora-trainer/v1/status", auth=("user", "wrong")).status_code == 401
+            assert client.get("/lora-trainer/v1/status", auth=("user", "secret")).status_code == 200
+        finally:
+            host.shared.cmd_opts.api_auth = None
+
+
+def test_tab_builds_on_the_webuis_gradio_and_maps_every_field(tmp_path):
+    gr = pytest.importorskip("gradio")
+    if not gr.__version__.startswith("3."):
+        pytest.skip(f"the tab targets the WebUI's Gradio 3.41, not {gr.__version__}")
+    from lora_trainer import config as cfgmod
+    from lora_trainer.webui import ui
+
+    with webui("sd1", str(tmp_path)):
+        tab = ui.build_tab()
+    comps = tab.lora_trainer_components
+    assert set(comps) == {f.name for f in ui.tab_fields()}
+    assert not set(comps) & ui.HIDDEN_IN_WEBUI
+    for name, comp in comps.items():
+        spec = cfgmod.field_spec(name)
+        expected = {bool: gr.Checkbox}.get(spec.base_type) or (gr.Dropdown if spec.choices else None)
+        if expected:
+            assert isinstance(comp, expected), name
+    values = {n: c.value for n, c in comps.items()}
+    assert ui.config_from_values(values) == ui.webui_defaults()
+    vis = ui.visibility(ui.lenient_config({**values, "network_module": "lora"}), None)
+    assert not vis["conv_dim"] and vis["network_dim"]
+    assert ui.visibility(ui.lenient_config({**values, "network_module": "locon"}), None)["conv_dim"]
+    assert not ui.visibility(ui.webui_defaults(), "low-vram-8gb")["shuffle_caption"]
