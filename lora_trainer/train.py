@@ -682,7 +682,7 @@ class Trainer:
         paths = []
         for p, img in zip(prompts, images):
             path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{p.name}_{p.seed}.png")
-            atomic_write_with(path, lambda tmp, img=img: img.save(tmp, format="PNG"))
+            atomic_write_with(path, lambda tmp, img=img, p=p: img.save(tmp, format="PNG", pnginfo=_pnginfo(img, p)))
             paths.append(path)
         self.sample_files.extend(paths)
         if self.cb.on_samples is not None:
@@ -731,3 +731,15 @@ class Trainer:
                            self.plan, mean[0] if mean else None, mean[-1] if mean else None,
                            peak_memory_gb(self.device), time.time() - self.t0, self.stopped,
                            getattr(self, "state_dir", None), self.dataset.report.as_dict())
+
+
+def _pnginfo(img, p: SamplePrompt):
+    """The generation parameters in the PNG, as the WebUI writes them (the WebUI's own infotext when it has one)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    text = img.info.get("parameters") or (
+        f"{p.prompt}\nNegative prompt: {p.negative_prompt}\nSteps: {p.steps}, Sampler: {p.sampler}, "
+        f"CFG scale: {p.cfg_scale}, Seed: {p.seed}, Size: {p.width}x{p.height}")
+    info = PngInfo()
+    info.add_text("parameters", text)
+    return info

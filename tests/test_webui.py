@@ -148,7 +148,10 @@ def test_a_run_saves_into_the_lora_folder_and_leaves_the_model_exactly_as_it_was
         assert status.final_file == os.path.join(host.lora_dir, "webui_lora.safetensors")
         assert "webui_lora" in host.networks.available_networks  # the Lora list was refreshed
         assert status.samples and all(os.path.isfile(p) for p in status.samples)
-        assert status.check["ok"] and status.check["mean_diff"] < 0.01, status.check
+        assert status.check["ok"] and status.preview_diff < 0.01, status.check
+        from PIL import Image
+
+        assert "Steps: 3" in Image.open(status.samples[0]).info["parameters"]  # saved with the WebUI's infotext
         _assert_same(snap, _snapshot(host.model))
         image_after = _txt2img(host)
         assert list(image_after.getdata()) == list(image_before.getdata())
@@ -167,7 +170,7 @@ def test_cancel_and_an_injected_failure_restore_the_model(tmp_path):
             time.sleep(0.05)
         host.shared.state.interrupt()  # the WebUI's Interrupt button
         status = _wait(job)
-        assert status.state == "stopped" and status.final_file and 2 <= status.step < 200
+        assert status.state == "cancelled" and status.final_file and 2 <= status.step < 200
         _assert_same(snap, _snapshot(host.model))
 
         calls = {"n": 0}
@@ -219,8 +222,12 @@ def test_http_api_trains_and_reports(tmp_path):
         assert busy.status_code in (200, 409)  # 409 while the first run is still going
         status = _wait(MANAGER.job)
         assert status.state == "finished", status.error
+        assert client.post("/lora-trainer/v1/pause").status_code == 200
+        assert client.post("/lora-trainer/v1/resume").status_code == 200
         got = client.get("/lora-trainer/v1/status").json()
         assert got["final_file"].endswith("api_lora.safetensors") and got["state"] == "finished"
+        assert {"step", "total_steps", "epoch", "loss", "avg_loss", "lr", "it_per_s", "eta_s", "vram_gb", "outputs",
+                "samples", "preview_diff", "error"} <= set(got)
         assert "api_lora" in host.networks.available_networks
         bad = client.post("/lora-trainer/v1/train", json={"network_dim": 0})
         assert bad.status_code == 422 and "network_dim" in json.dumps(bad.json())
@@ -257,3 +264,37 @@ def test_tab_builds_on_the_webuis_gradio_and_maps_every_field(tmp_path):
     assert not vis["conv_dim"] and vis["network_dim"]
     assert ui.visibility(ui.lenient_config({**values, "network_module": "locon"}), None)["conv_dim"]
     assert not ui.visibility(ui.webui_defaults(), "low-vram-8gb")["shuffle_caption"]
+
+
+def test_a_checkpoint_switch_during_training_cancels_cleanly(tmp_path):
+    from lora_trainer.webui.job import MANAGER
+
+    with webui("sd1", str(tmp_path)) as host:
+        from modules import sd_models
+
+        snap = _snapshot(host.model)
+        job = MANAGER.start(_config(tmp_path, max_train_steps=200, sample_every_n_steps=None))
+        deadline = time.time() + 120
+        while job.status.step < 1 and time.time() < deadline and job.thread.is_alive():
+            time.sleep(0.05)
+        sd_models.model_data.sd_model = object()  # the user picked another checkpoint
+        status = _wait(job)
+        sd_models.model_data.sd_model = host.model
+        assert status.state == "cancelled" and "another checkpoint" in status.message
+        assert status.final_file and os.path.isfile(status.final_file)
+        _assert_same(snap, _snapshot(host.model))
+
+
+def test_routes_are_mounted_only_with_api(tmp_path):
+    fastapi = pytest.importorskip("fastapi")
+    from lora_trainer import webui as ext
+
+    with webui("sd1", str(tmp_path)) as host:
+        app = fastapi.FastAPI()
+        host.shared.cmd_opts.api = False
+        ext._on_app_started(None, app)
+        assert not [r for r in app.routes if r.path.startswith("/lora-trainer")]
+        host.shared.cmd_opts.api = True
+        ext._on_app_started(None, app)
+        assert {"/lora-trainer/v1/train", "/lora-trainer/v1/cancel", "/lora-trainer/v1/resume"} <= {
+            r.path for r in app.routes}

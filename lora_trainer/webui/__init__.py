@@ -51,8 +51,10 @@ def _missing_tab(missing: list[str]):
 
 
 def _on_app_started(demo, app) -> None:
-    if missing_packages():
-        return
+    from .host import cmd_opts
+
+    if missing_packages() or not (getattr(cmd_opts(), "api", False) or getattr(cmd_opts(), "nowebui", False)):
+        return  # the HTTP routes are mounted with --api, like the WebUI's own
     from .api import register_routes
 
     register_routes(app)

@@ -82,13 +82,16 @@ def register_routes(app: Any) -> None:
     def status():
         return MANAGER.status()
 
-    def stop():
+    def cancel():
         MANAGER.stop()
         return MANAGER.status()
 
-    async def pause(request: Request):
-        body = await _json_or_empty(request)
-        MANAGER.pause(bool(body.get("paused", True)))
+    def pause():
+        MANAGER.pause(True)
+        return MANAGER.status()
+
+    def resume():
+        MANAGER.pause(False)
         return MANAGER.status()
 
     def sample():
@@ -102,16 +105,8 @@ def register_routes(app: Any) -> None:
         return [{"name": p.name, "title": p.title, "description": p.description, "values": p.values,
                  "fields": list(p.fields)} for p in presets.PRESETS.values()]
 
-    routes = [("/train", train, ["POST"]), ("/status", status, ["GET"]), ("/stop", stop, ["POST"]),
-              ("/pause", pause, ["POST"]), ("/sample", sample, ["POST"]), ("/options", options, ["GET"]),
-              ("/presets", preset_list, ["GET"])]
+    routes = [("/train", train, ["POST"]), ("/status", status, ["GET"]), ("/cancel", cancel, ["POST"]),
+              ("/pause", pause, ["POST"]), ("/resume", resume, ["POST"]), ("/sample", sample, ["POST"]),
+              ("/options", options, ["GET"]), ("/presets", preset_list, ["GET"])]
     for path, fn, methods in routes:
         app.add_api_route(PREFIX + path, fn, methods=methods, dependencies=deps)
-
-
-async def _json_or_empty(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}

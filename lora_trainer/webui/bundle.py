@@ -49,6 +49,7 @@ class WebUIBundle:
         self.vae_name = host.loaded_vae_name()
         self.vae_id = f"{self.model_hash or self.model_name}|vae:{self.vae_name or 'checkpoint'}"
         self.fixed_device = host.devices().device
+        self.unet_device = next(self.unet().parameters()).device
         self.train_text_encoder = False
         self._undo: list[Callable[[], None]] = []
         self._offloaded: dict[str, Any] = {}
@@ -248,8 +249,10 @@ class WebUIBundle:
         if not processed.images:
             return None  # interrupted: the training loop sees the same flag and stops
         image = processed.images[0]
+        info = processed.infotexts[0] if processed.infotexts else ""
+        image.info["parameters"] = info  # saved with the sample, as the WebUI saves its images
         state.assign_current_image(image)
-        return image, (processed.infotexts[0] if processed.infotexts else "")
+        return image, info
 
 
 @contextlib.contextmanager

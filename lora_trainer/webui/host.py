@@ -29,6 +29,12 @@ def loaded_model() -> Any | None:
     return mod("sd_models").model_data.sd_model
 
 
+def current_model() -> Any | None:
+    """The loaded checkpoint, waiting for (or starting) its load as any generation does; call it under the queue
+    lock, never while building the UI."""
+    return shared().sd_model
+
+
 def lora_networks() -> ModuleType | None:
     """The built-in Lora extension's `networks` module (loaded before any user extension), if it is there."""
     return sys.modules.get("networks")

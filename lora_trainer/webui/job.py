@@ -38,7 +38,7 @@ class BusyError(UserError):
 
 @dataclass
 class JobStatus:
-    state: str = "idle"  # idle, queued, running, finished, stopped, failed
+    state: str = "idle"  # idle, running, paused, finished, cancelled, failed
     id_task: str = ""
     phase: str = ""
     message: str = ""
@@ -51,11 +51,12 @@ class JobStatus:
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = None
-    peak_memory_gb: float | None = None
-    files: list[str] = field(default_factory=list)
+    vram_gb: float | None = None  # peak memory so far
+    outputs: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
     final_file: str | None = None
     lora_name: str = ""
+    preview_diff: float | None = None  # mean pixel difference: live preview vs the file through the WebUI's Lora
     check: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     started_at: float = 0.0
@@ -91,13 +92,15 @@ def _data_path() -> str:
 class TrainingJob:
     def __init__(self, cfg: TrainConfig, id_task: str):
         self.cfg = cfg
-        self.status = JobStatus(state="queued", id_task=id_task, message="waiting for the WebUI's queue")
+        self.status = JobStatus(state="running", id_task=id_task, phase="queued",
+                                message="waiting for the WebUI's queue (a generation is running)")
         self.stop_requested = False
         self.pause_requested = False
         self.sample_requested = False
         self.thread = threading.Thread(target=self.run, name="lora-trainer", daemon=True)
         self._check_image: Image.Image | None = None
         self.effective_cfg: TrainConfig | None = None  # the config as it runs in the WebUI (folders, precision)
+        self.abort_reason: str | None = None
 
     # -- the thread --------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -120,7 +123,7 @@ class TrainingJob:
                 progress.finish_task(self.status.id_task)
 
     def _train(self) -> None:
-        model = host.loaded_model()
+        model = host.current_model()
         if model is None:
             raise UserError("no checkpoint is loaded in the WebUI: pick one in the checkpoint dropdown first")
         cfg = host_config(self.cfg, model)
@@ -132,12 +135,12 @@ class TrainingJob:
             self._refresh_lora_list()
             if result.final_file and not result.stopped:
                 self._final_check(bundle, cfg, result.final_file)
-        self._set(state="stopped" if result.stopped else "finished", final_file=result.final_file,
-                  files=result.files, lora_name=cfg.output_name,
-                  message=self._summary(result.stopped, result.final_file))
+        self._set(state="cancelled" if result.stopped else "finished", final_file=result.final_file,
+                  outputs=result.files, lora_name=cfg.output_name,
+                  message=self.abort_reason or self._summary(result.stopped, result.final_file))
 
     def _summary(self, stopped: bool, final: str | None) -> str:
-        what = "stopped" if stopped else "finished"
+        what = "cancelled" if stopped else "finished"
         if not final:
             return f"{what}; nothing was saved"
         check = self.status.check
@@ -150,7 +153,10 @@ class TrainingJob:
         state = host.state()
 
         def should_stop() -> bool:
-            return self.stop_requested or bool(state.interrupted) or bool(getattr(state, "stopping_generation", 0))
+            if self.stop_requested or state.interrupted or getattr(state, "stopping_generation", False):
+                return True
+            self.abort_reason = model_changed(bundle)
+            return self.abort_reason is not None
 
         def sample_now() -> bool:
             asked, self.sample_requested = self.sample_requested, False
@@ -167,14 +173,15 @@ class TrainingJob:
             state.job_no = p.step
         self._set(phase=p.phase, step=p.step, total_steps=p.total_steps, epoch=p.epoch, total_epochs=p.total_epochs,
                   loss=p.loss, avg_loss=p.avg_loss, lr=p.lr, it_per_s=p.it_per_s, eta_s=p.eta_s,
-                  peak_memory_gb=p.peak_memory_gb, message=p.message or p.phase)
+                  vram_gb=p.peak_memory_gb, message=p.message or p.phase,
+                  state="paused" if p.phase == "paused" else "running")
         state.textinfo = status_html(self.status)
 
     def _on_samples(self, paths: list[str]) -> None:
         self.status.samples.extend(paths)
 
     def _on_save(self, path: str) -> None:
-        self.status.files.append(path)
+        self.status.outputs.append(path)
         self._refresh_lora_list()
 
     def _set(self, **values: Any) -> None:
@@ -215,11 +222,23 @@ class TrainingJob:
             return
         loaded, info = rendered[0]
         diff = mean_pixel_difference(self._check_image, loaded)
+        self.status.preview_diff = diff
         self.status.check = {"prompt": sp.prompt, "mean_diff": diff, "ok": diff < CHECK_LIMIT,
                              "lora_applied": "Lora hashes" in info or f"<lora:{name}" in info}
         level = logging.INFO if diff < CHECK_LIMIT else logging.WARNING
         log.log(level, "Train LoRA: %s rendered through the WebUI's Lora differs from the live preview by %.3f%%",
                 name, diff * 100)
+
+
+def model_changed(bundle: WebUIBundle) -> str | None:
+    """Why training must stop because the model under it changed (another checkpoint, or unloaded to the CPU)."""
+    current = host.loaded_model()
+    if current is not bundle.m or host.checkpoint_title(current) != bundle.checkpoint_title:
+        return "cancelled: the WebUI switched to another checkpoint while training; what was trained is saved"
+    if next(bundle.unet().parameters()).device != bundle.unet_device:
+        return "cancelled: the model was moved off the GPU (Unload checkpoint?) while training; what was trained is " \
+               "saved"
+    return None
 
 
 def mean_pixel_difference(a: Image.Image, b: Image.Image) -> float:
@@ -239,8 +258,10 @@ def status_html(s: JobStatus) -> str:
         parts.append(f"{s.it_per_s:.2f} it/s")
     if s.eta_s is not None:
         parts.append(f"ETA {int(s.eta_s // 60)}:{int(s.eta_s % 60):02d}")
-    if s.peak_memory_gb:
-        parts.append(f"peak {s.peak_memory_gb:.1f} GB")
+    if s.lr is not None:
+        parts.append(f"lr {s.lr:.2e}")
+    if s.vram_gb:
+        parts.append(f"peak {s.vram_gb:.1f} GB")
     text = " &middot; ".join(parts)
     if s.message:
         text += f"<br>{html.escape(s.message)}"
@@ -257,7 +278,7 @@ class JobManager:
         self._lock = threading.Lock()
 
     def busy(self) -> bool:
-        return self.job is not None and self.job.status.state in ("queued", "running")
+        return self.job is not None and self.job.status.state in ("running", "paused")
 
     def start(self, cfg: TrainConfig, id_task: str = "") -> TrainingJob:
         cfg = cfgmod.validate(cfg)

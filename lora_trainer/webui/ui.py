@@ -162,8 +162,8 @@ def build_tab():
                     comps[spec.name] = _component(gr, spec, getattr(base, spec.name))
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id=f"{TAB_ID}_train")
-            stop_btn = gr.Button("Stop", elem_id=f"{TAB_ID}_stop")
-            pause_btn = gr.Button("Pause / continue", elem_id=f"{TAB_ID}_pause")
+            stop_btn = gr.Button("Cancel", elem_id=f"{TAB_ID}_cancel")
+            pause_btn = gr.Button("Pause / Resume", elem_id=f"{TAB_ID}_pause")
             sample_btn = gr.Button("Sample now", elem_id=f"{TAB_ID}_sample")
             send_btn = gr.Button("Send to txt2img", elem_id=f"{TAB_ID}_send")
         task_id = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_task")
@@ -171,11 +171,13 @@ def build_tab():
         status = gr.HTML(status_html(MANAGER.job.status) if MANAGER.job else "", elem_id=f"{TAB_ID}_status")
         gr.HTML(elem_id=f"{TAB_ID}_progress")
         gallery = gr.Gallery(label="Samples", elem_id=f"{TAB_ID}_gallery", columns=4)
-        chart = gr.Image(label="Loss", elem_id=f"{TAB_ID}_chart", interactive=False)
+        with gr.Row():
+            chart = gr.Image(label="Loss", elem_id=f"{TAB_ID}_chart", interactive=False)
+            vram_chart = gr.Image(label="VRAM", elem_id=f"{TAB_ID}_vram_chart", interactive=False)
         refresh_btn = gr.Button("Refresh", elem_id=f"{TAB_ID}_refresh", visible=False)
         _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn,
               save_btn, train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery,
-              chart, refresh_btn)
+              [chart, vram_chart], refresh_btn)
     tab.lora_trainer_components = comps  # for tests and for A1111's ui-config defaults
     return tab
 
@@ -196,7 +198,7 @@ def _component(gr, spec: cfgmod.FieldSpec, value: Any):
 
 
 def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn, save_btn,
-          train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery, chart,
+          train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery, charts,
           refresh_btn) -> None:
     names = list(comps)
     inputs = [comps[n] for n in names]
@@ -274,11 +276,12 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
         return status_html(job.status)
 
     train_btn.click(on_train, [task_id, *inputs], [status], _js="lora_trainer_start")
-    stop_btn.click(lambda: (MANAGER.stop(), "stopping after the current step")[1], [], [status])
+    stop_btn.click(lambda: (MANAGER.stop(), "cancelling after the current step; what was trained is saved")[1], [],
+                   [status])
     pause_btn.click(_toggle_pause, [], [status])
     sample_btn.click(lambda: (MANAGER.sample(), "a sample will be rendered after the current step")[1], [],
                      [status])
-    refresh_btn.click(_refresh, [], [status, gallery, chart, lora_prompt])
+    refresh_btn.click(_refresh, [], [status, gallery, *charts, lora_prompt])
     send_btn.click(_lora_prompt, [], [lora_prompt], _js="lora_trainer_send_to_txt2img")
 
 
@@ -287,17 +290,17 @@ def _toggle_pause() -> str:
     if job is None:
         return "nothing is training"
     MANAGER.pause(not job.pause_requested)
-    return "paused after the current step" if job.pause_requested else "continuing"
+    return "pausing after the current step" if job.pause_requested else "resuming"
 
 
 def _refresh():
     job = MANAGER.job
     if job is None:
-        return "", [], None, ""
+        return "", [], None, None, ""
     cfg = job.effective_cfg or job.cfg
-    chart = os.path.join(cfg.resolved_log_dir, f"{cfg.output_name}_loss.png")
+    charts = [os.path.join(cfg.resolved_log_dir, f"{cfg.output_name}_{kind}.png") for kind in ("loss", "memory")]
     samples = [p for p in job.status.samples if os.path.isfile(p)][-8:]
-    return status_html(job.status), samples, chart if os.path.isfile(chart) else None, _lora_prompt()
+    return (status_html(job.status), samples, *[c if os.path.isfile(c) else None for c in charts], _lora_prompt())
 
 
 def _lora_prompt() -> str:
