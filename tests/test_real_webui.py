@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -100,6 +101,7 @@ def test_train_through_the_api_and_use_the_result(server, tmp_path):
     while (status := _call(server, "/lora-trainer/v1/status"))["state"] in ("running", "paused"):
         assert time.time() < deadline, status
         time.sleep(5)
+    logging.getLogger(__name__).info("Train LoRA status at the end: %s", json.dumps(status))
     assert status["state"] == "finished", status
     loras = {x["name"]: x for x in _call(server, "/sdapi/v1/loras")}
     assert name in loras and loras[name]["metadata"]["ss_output_name"] == name
