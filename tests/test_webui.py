@@ -298,3 +298,23 @@ def test_routes_are_mounted_only_with_api(tmp_path):
         ext._on_app_started(None, app)
         assert {"/lora-trainer/v1/train", "/lora-trainer/v1/cancel", "/lora-trainer/v1/resume"} <= {
             r.path for r in app.routes}
+
+
+def test_gradient_checkpointing_on_the_webui_unet_trains_the_same(tmp_path):
+    """The blocks are checkpointed non-reentrantly: a frozen UNet's network still gets its gradients."""
+    from safetensors.torch import load_file
+
+    from lora_trainer.webui.job import MANAGER
+
+    results = {}
+    for ckpt in (False, True):
+        with webui("sdxl", str(tmp_path / str(ckpt))) as host:
+            snap = _snapshot(host.model)
+            status = _wait(MANAGER.start(_config(tmp_path, output_name=f"ckpt{int(ckpt)}", max_train_steps=1,
+                                                 sample_every_n_steps=None, gradient_checkpointing=ckpt)))
+            assert status.state == "finished", status.error
+            _assert_same(snap, _snapshot(host.model))
+            results[ckpt] = load_file(status.final_file)
+    a, b = results[False], results[True]
+    assert any(v.abs().sum() > 0 for k, v in b.items() if k.endswith("lora_up.weight"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
