@@ -147,7 +147,7 @@ class TrainConfig:
                            when_text="network_module == dylora")
     lokr_factor: int = opt(-1, "LoKr: Kronecker factor (-1 = as balanced as possible).", "network", min=-1,
                            max=1024, when=lambda c: c.network_module == "lokr", when_text="network_module == lokr")
-    network_dropout: float = opt(0.0, "Dropout on the network's output (LoRA/LoCon/DyLoRA).", "network", min=0.0,
+    network_dropout: float = opt(0.0, "Dropout on the network's output (LoRA/LoCon).", "network", min=0.0,
                                  max=1.0, when=lambda c: c.network_module in ("lora", "locon"),
                                  when_text="network_module in lora/locon")
     rank_dropout: float = opt(0.0, "Drop whole ranks with this probability each step.", "network", min=0.0,

@@ -560,6 +560,7 @@ class Trainer:
             time.sleep(0.5)
         if paused:
             self._last_flush = (time.time(), pos.step)
+            self._report(pos)  # say "training" again as soon as it resumes
 
     # -- saving ------------------------------------------------------------------------------------------------
     def _run_info(self) -> RunInfo:

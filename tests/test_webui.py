@@ -264,6 +264,31 @@ def test_tab_builds_on_the_webuis_gradio_and_maps_every_field(tmp_path):
     assert not vis["conv_dim"] and vis["network_dim"]
     assert ui.visibility(ui.lenient_config({**values, "network_module": "locon"}), None)["conv_dim"]
     assert not ui.visibility(ui.webui_defaults(), "low-vram-8gb")["shuffle_caption"]
+    shown = ui.visibility(ui.webui_defaults(), None)
+    assert {n: c.visible for n, c in comps.items()} == shown  # the page opens with only what applies
+    assert not comps["conv_dim"].visible
+
+
+def test_optimizer_switch_sets_and_then_undoes_adaptive_learning_rates():
+    from lora_trainer import config as cfgmod
+    from lora_trainer.webui import ui
+
+    cfg = ui.webui_defaults()
+    prodigy = ui.learning_rates_for("Prodigy", cfg)
+    assert prodigy["learning_rate"] == 1.0
+    back = ui.learning_rates_for("AdamW", ui.lenient_config({**cfgmod.to_dict(cfg), **prodigy}))
+    assert back["learning_rate"] == cfg.learning_rate and back["unet_lr"] is None
+    assert ui.learning_rates_for("AdamW", cfg) == {}  # a user's own small rate stays
+
+
+def test_progress_text_is_plain_and_says_the_phase():
+    from lora_trainer.webui.job import JobStatus, status_html, status_text
+
+    s = JobStatus(state="running", phase="caching latents", step=0, total_steps=40, epoch=0, total_epochs=2,
+                  message="caching <latents>")
+    text = status_text(s)
+    assert text.startswith("caching latents") and "step 0/40" in text and "<" not in text
+    assert "&lt;latents&gt;" in status_html(s)
 
 
 def test_a_checkpoint_switch_during_training_cancels_cleanly(tmp_path):

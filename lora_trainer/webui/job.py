@@ -135,8 +135,9 @@ class TrainingJob:
             self._refresh_lora_list()
             if result.final_file and not result.stopped:
                 self._final_check(bundle, cfg, result.final_file)
+        stem = os.path.splitext(os.path.basename(result.final_file))[0] if result.final_file else cfg.output_name
         self._set(state="cancelled" if result.stopped else "finished", final_file=result.final_file,
-                  outputs=result.files, lora_name=cfg.output_name,
+                  outputs=result.files, lora_name=stem, phase="done",
                   message=self.abort_reason or self._summary(result.stopped, result.final_file))
 
     def _summary(self, stopped: bool, final: str | None) -> str:
@@ -167,15 +168,19 @@ class TrainingJob:
                               sample_now=sample_now, before_detach=lambda final: self._render_live(bundle))
 
     def _on_progress(self, p: Progress) -> None:
+        """Training progress updates every number; other phases (caching, sampling, saving) only say what they do."""
         state = host.state()
-        if p.total_steps:
+        if p.phase in ("training", "paused"):
             state.job_count = p.total_steps
             state.job_no = p.step
-        self._set(phase=p.phase, step=p.step, total_steps=p.total_steps, epoch=p.epoch, total_epochs=p.total_epochs,
-                  loss=p.loss, avg_loss=p.avg_loss, lr=p.lr, it_per_s=p.it_per_s, eta_s=p.eta_s,
-                  vram_gb=p.peak_memory_gb, message=p.message or p.phase,
-                  state="paused" if p.phase == "paused" else "running")
-        state.textinfo = status_html(self.status)
+            self._set(step=p.step, total_steps=p.total_steps, epoch=p.epoch, total_epochs=p.total_epochs,
+                      loss=p.loss, avg_loss=p.avg_loss, lr=p.lr, it_per_s=p.it_per_s, eta_s=p.eta_s,
+                      vram_gb=p.peak_memory_gb)
+        elif p.phase != "done":
+            self._set(total_steps=p.total_steps or self.status.total_steps,
+                      total_epochs=p.total_epochs or self.status.total_epochs)
+        self._set(phase=p.phase, message=p.message or p.phase, state="paused" if p.phase == "paused" else "running")
+        state.textinfo = status_text(self.status)  # the WebUI's progress bar shows it as plain text
 
     def _on_samples(self, paths: list[str]) -> None:
         self.status.samples.extend(paths)
@@ -207,6 +212,10 @@ class TrainingJob:
 
     def _render_live(self, bundle: WebUIBundle) -> None:
         """The check prompt with the network still attached (what the previews showed)."""
+        state = host.state()
+        state.job_count = max(state.job_no, self.status.total_steps) + 2  # the bar is not at 100% while checking
+        self._set(phase="checking", message="checking the saved file through the WebUI's own Lora")
+        state.textinfo = status_text(self.status)
         rendered = bundle.sample_with_info([self._check_prompt()], extra_networks=False)
         self._check_image = rendered[0][0] if rendered else None
 
@@ -215,6 +224,7 @@ class TrainingJob:
         if self._check_image is None:
             return
         name = os.path.splitext(os.path.basename(final_file))[0]
+        host.state().job_no += 1
         sp = self._check_prompt()
         sp.prompt = f"{sp.prompt} <lora:{name}:1>"
         rendered = bundle.sample_with_info([sp], extra_networks=True)
@@ -248,8 +258,8 @@ def mean_pixel_difference(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(x - y).mean() / 255.0)
 
 
-def status_html(s: JobStatus) -> str:
-    parts = [f"<b>{html.escape(s.state)}</b>"]
+def _status_parts(s: JobStatus) -> list[str]:
+    parts = []
     if s.total_steps:
         parts.append(f"step {s.step}/{s.total_steps}, epoch {s.epoch}/{s.total_epochs}")
     if s.loss is not None:
@@ -262,7 +272,16 @@ def status_html(s: JobStatus) -> str:
         parts.append(f"lr {s.lr:.2e}")
     if s.vram_gb:
         parts.append(f"peak {s.vram_gb:.1f} GB")
-    text = " &middot; ".join(parts)
+    return parts
+
+
+def status_text(s: JobStatus) -> str:
+    """One plain line (the WebUI's progress bar puts it in textContent)."""
+    return " · ".join([s.phase or s.state, *_status_parts(s)])
+
+
+def status_html(s: JobStatus) -> str:
+    text = " &middot; ".join([f"<b>{html.escape(s.state)}</b>", *(html.escape(p) for p in _status_parts(s))])
     if s.message:
         text += f"<br>{html.escape(s.message)}"
     if s.error:

@@ -125,10 +125,13 @@ def wizard_for(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
     rec = wizard.recommend(hw, wizard.DatasetStats(images.num_train_images), cfg, host.model_family(model))
     values = {k: v for k, v in rec.values().items() if k not in HIDDEN_IN_WEBUI}
     rows = "".join(f"<tr><td>{html.escape(p.field)}</td><td>{html.escape(str(p.value))}</td>"
-                   f"<td>{html.escape(p.reason)}</td></tr>" for p in rec.picks)
+                   f"<td>{html.escape(p.reason)}</td></tr>" for p in rec.picks if p.field not in HIDDEN_IN_WEBUI)
     warn = "".join(f"<p class='lora-trainer-warning'>{html.escape(w)}</p>" for w in rec.warnings)
-    head = (f"<p>{html.escape(hw.name)}: {hw.total_vram_gb:.1f} GB, {hw.free_vram_gb:.1f} GB free (the loaded model "
-            f"holds {held:.1f} GB); estimated peak {rec.estimated_peak_gb:.1f} GB</p>")
+    if hw.device == "cuda":
+        head = (f"<p>{html.escape(hw.name)}: {hw.total_vram_gb:.1f} GB, {hw.free_vram_gb:.1f} GB free (the loaded "
+                f"model holds {held:.1f} GB); estimated peak {rec.estimated_peak_gb:.1f} GB</p>")
+    else:
+        head = f"<p>No CUDA GPU: the WebUI runs on the {html.escape(hw.device.upper())}; sizes are for its RAM.</p>"
     return values, f"{head}<table class='lora-trainer-table'>{rows}</table>{warn}"
 
 
@@ -141,10 +144,12 @@ def build_tab():
 
     specs = tab_fields()
     base = webui_defaults()
+    shown = visibility(base, None)
     comps: dict[str, Any] = {}
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(elem_id=f"{TAB_ID}_model_row"):
-            model_html = gr.HTML(model_info_html(), elem_id=f"{TAB_ID}_model")
+            # a callable value is computed on every page load: the model may finish loading after the UI is built
+            model_html = gr.HTML(model_info_html, elem_id=f"{TAB_ID}_model_info")
             model_refresh = gr.Button("Refresh model info", elem_id=f"{TAB_ID}_model_refresh")
         with gr.Row():
             preset = gr.Dropdown([NO_PRESET, *presets.PRESETS], value=NO_PRESET, label="Preset",
@@ -156,10 +161,10 @@ def build_tab():
             load_btn = gr.Button("Load params", elem_id=f"{TAB_ID}_load")
             save_btn = gr.Button("Save params", elem_id=f"{TAB_ID}_save")
         for group, title in SECTIONS:
-            group_specs = [s for s in specs if s.group == group]
-            with gr.Accordion(title, open=group in ("dataset", "network", "training"), elem_id=f"{TAB_ID}_{group}"):
-                for spec in group_specs:
-                    comps[spec.name] = _component(gr, spec, getattr(base, spec.name))
+            with gr.Accordion(title, open=group in ("dataset", "network", "training"),
+                              elem_id=f"{TAB_ID}_section_{group}"):
+                for spec in (s for s in specs if s.group == group):
+                    comps[spec.name] = _component(gr, spec, getattr(base, spec.name), shown[spec.name])
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id=f"{TAB_ID}_train")
             stop_btn = gr.Button("Cancel", elem_id=f"{TAB_ID}_cancel")
@@ -168,12 +173,14 @@ def build_tab():
             send_btn = gr.Button("Send to txt2img", elem_id=f"{TAB_ID}_send")
         task_id = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_task")
         lora_prompt = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_lora_prompt")
-        status = gr.HTML(status_html(MANAGER.job.status) if MANAGER.job else "", elem_id=f"{TAB_ID}_status")
-        gr.HTML(elem_id=f"{TAB_ID}_progress")
-        gallery = gr.Gallery(label="Samples", elem_id=f"{TAB_ID}_gallery", columns=4)
-        with gr.Row():
-            chart = gr.Image(label="Loss", elem_id=f"{TAB_ID}_chart", interactive=False)
-            vram_chart = gr.Image(label="VRAM", elem_id=f"{TAB_ID}_vram_chart", interactive=False)
+        with gr.Column(elem_id=f"{TAB_ID}_results"):  # the WebUI's progress bar is inserted at its top
+            status = gr.HTML(lambda: _refresh()[0], elem_id=f"{TAB_ID}_status")
+            gallery = gr.Gallery(lambda: _refresh()[1], label="Samples", elem_id=f"{TAB_ID}_gallery", columns=4)
+            with gr.Row():
+                chart = gr.Image(lambda: _refresh()[2], label="Loss", show_label=False, elem_id=f"{TAB_ID}_chart",
+                                 interactive=False)
+                vram_chart = gr.Image(lambda: _refresh()[3], label="VRAM", show_label=False,
+                                      elem_id=f"{TAB_ID}_vram_chart", interactive=False)
         refresh_btn = gr.Button("Refresh", elem_id=f"{TAB_ID}_refresh", visible=False)
         _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn,
               save_btn, train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery,
@@ -182,19 +189,18 @@ def build_tab():
     return tab
 
 
-def _component(gr, spec: cfgmod.FieldSpec, value: Any):
+def _component(gr, spec: cfgmod.FieldSpec, value: Any, visible: bool):
     label = spec.name
     info = spec.help + (f" (only with {spec.when_text})" if spec.when_text else "")
-    elem = f"{TAB_ID}_{spec.name}"
+    common = dict(label=label, info=info, elem_id=f"{TAB_ID}_{spec.name}", visible=visible)
     if spec.base_type is bool:
-        return gr.Checkbox(value=bool(value), label=label, info=info, elem_id=elem)
+        return gr.Checkbox(value=bool(value), **common)
     if spec.choices is not None:
-        return gr.Dropdown([str(c) for c in spec.choices], value=str(value), label=label, info=info, elem_id=elem)
+        return gr.Dropdown([str(c) for c in spec.choices], value=str(value), **common)
     if spec.base_type in (int, float) and not spec.optional:
-        return gr.Number(value=value, label=label, info=info, precision=0 if spec.base_type is int else None,
-                         elem_id=elem)
-    return gr.Textbox(value=display_value(spec, value), label=label, info=info, elem_id=elem,
-                      placeholder="empty = default" if spec.optional else None)
+        return gr.Number(value=value, precision=0 if spec.base_type is int else None, **common)
+    return gr.Textbox(value=display_value(spec, value), placeholder="empty = default" if spec.optional else None,
+                      **common)
 
 
 def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn, save_btn,
@@ -215,9 +221,11 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
             comps[driver].change(on_visibility, [preset, *inputs], inputs, show_progress=False)
 
     def on_preset(preset_name, *args):
+        current = lenient_config(values_of(args))
         if preset_name in (None, "", NO_PRESET):
-            return [gr.update() for _ in names]
-        cfg = presets.apply(preset_name, lenient_config(values_of(args)))
+            vis = visibility(current, None)
+            return [gr.update(visible=vis[n]) for n in names]
+        cfg = presets.apply(preset_name, current)
         vis = visibility(cfg, preset_name)
         return [gr.update(value=display_value(cfgmod.field_spec(n), getattr(cfg, n)), visible=vis[n])
                 for n in names]
@@ -225,10 +233,9 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
     preset.change(on_preset, [preset, *inputs], inputs, show_progress=False)
 
     def on_optimizer(opt_name, *args):
-        from ..optim import optimizer_defaults
-
-        updates = optimizer_defaults(opt_name)
-        return [gr.update(value=updates[n]) if n in updates else gr.update() for n in names]
+        updates = learning_rates_for(opt_name, lenient_config(values_of(args)))
+        return [gr.update(value=display_value(cfgmod.field_spec(n), updates[n])) if n in updates else gr.update()
+                for n in names]
 
     if "optimizer_type" in comps:
         comps["optimizer_type"].input(on_optimizer, [comps["optimizer_type"], *inputs], inputs, show_progress=False)
@@ -252,8 +259,9 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
             cfg = cfgmod.load_json(path, base=current)
         except UserError as e:
             return [gr.update() for _ in names] + [_error_html(e)]
-        return [gr.update(value=display_value(cfgmod.field_spec(n), getattr(cfg, n))) for n in names] + \
-            [f"loaded {html.escape(path)}"]
+        vis = visibility(cfg, None)
+        return [gr.update(value=display_value(cfgmod.field_spec(n), getattr(cfg, n)), visible=vis[n])
+                for n in names] + [f"loaded {html.escape(path)}"]
 
     load_btn.click(on_load, [params_path, *inputs], [*inputs, status])
 
@@ -272,28 +280,56 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
         try:
             job = MANAGER.start(config_from_values(values_of(args)), id_task or "")
         except UserError as e:
+            _finish_task(id_task)  # the page stops waiting for a task that will never run
             return _error_html(e)
         return status_html(job.status)
 
     train_btn.click(on_train, [task_id, *inputs], [status], _js="lora_trainer_start")
-    stop_btn.click(lambda: (MANAGER.stop(), "cancelling after the current step; what was trained is saved")[1], [],
-                   [status])
+    stop_btn.click(lambda: _when_running(MANAGER.stop, "cancelling after the current step; what was trained is "
+                                                       "saved"), [], [status])
     pause_btn.click(_toggle_pause, [], [status])
-    sample_btn.click(lambda: (MANAGER.sample(), "a sample will be rendered after the current step")[1], [],
+    sample_btn.click(lambda: _when_running(MANAGER.sample, "a sample will be rendered after the current step"), [],
                      [status])
-    refresh_btn.click(_refresh, [], [status, gallery, *charts, lora_prompt])
+    refresh_btn.click(_refresh, [], [status, gallery, *charts, lora_prompt], show_progress=False)
     send_btn.click(_lora_prompt, [], [lora_prompt], _js="lora_trainer_send_to_txt2img")
+
+
+def learning_rates_for(optimizer: str, current: TrainConfig) -> dict[str, Any]:
+    """Adaptive optimizers (Prodigy, DAdaptAdam) want learning rates of 1; going back to another optimizer from
+    such rates restores the defaults (1 would wreck AdamW)."""
+    from ..optim import OPTIMIZERS, optimizer_defaults
+
+    if OPTIMIZERS[optimizer].recommended_lr is not None:
+        return optimizer_defaults(optimizer)
+    if current.learning_rate >= 0.1:
+        return {"learning_rate": TrainConfig().learning_rate, "unet_lr": None, "text_encoder_lr": None}
+    return {}
+
+
+def _finish_task(id_task: str | None) -> None:
+    if id_task:
+        progress = host.mod("progress")
+        progress.add_task_to_queue(id_task)
+        progress.finish_task(id_task)
+
+
+def _when_running(action, message: str) -> str:
+    if not MANAGER.busy():
+        return "nothing is training"
+    action()
+    return message
 
 
 def _toggle_pause() -> str:
     job = MANAGER.job
-    if job is None:
+    if job is None or not MANAGER.busy():
         return "nothing is training"
     MANAGER.pause(not job.pause_requested)
     return "pausing after the current step" if job.pause_requested else "resuming"
 
 
-def _refresh():
+def _refresh() -> tuple:
+    """(status HTML, samples, loss chart, VRAM chart, prompt for txt2img) of the current or last run."""
     job = MANAGER.job
     if job is None:
         return "", [], None, None, ""
@@ -309,7 +345,8 @@ def _lora_prompt() -> str:
     if job is None:
         return ""
     triggers = trigger_words(job.cfg.train_data_dir)
-    name = job.status.lora_name or job.cfg.output_name
+    final = job.status.final_file
+    name = os.path.splitext(os.path.basename(final))[0] if final else job.cfg.output_name
     return ", ".join([*triggers, f"<lora:{name}:1>"])
 
 
