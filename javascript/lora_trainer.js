@@ -6,14 +6,22 @@ function lora_trainer_refresh() {
     if (refresh) refresh.click();  // a hidden button: Gradio updates the status, gallery and charts
 }
 
+function lora_trainer_show_interrupt(shown) {
+    // the WebUI's Esc shortcut clicks the current tab's "*_interrupt" button when its style says it is shown
+    var cancel = gradioApp().getElementById("lora_trainer_interrupt");
+    if (cancel) cancel.style.display = shown ? "block" : "";
+}
+
 function lora_trainer_start() {
     var id = randomId();
     var lastRefresh = 0;
+    lora_trainer_show_interrupt(true);
     requestProgress(
         id,
         gradioApp().getElementById("lora_trainer_status"),
         gradioApp().getElementById("lora_trainer_gallery"),
         function() {
+            lora_trainer_show_interrupt(false);
             lora_trainer_refresh();
             ["txt2img", "img2img"].forEach(function(tab) {
                 var btn = gradioApp().getElementById(tab + "_lora_extra_refresh_internal");

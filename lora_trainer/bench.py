@@ -101,7 +101,7 @@ class Harness:
         with timers.phase("backward", dev):
             (t.scaler.scale(loss) if t.scaler is not None else loss).backward()
         with timers.phase("optimizer", dev):
-            t._apply_gradients()
+            t._apply_gradients(loss.detach())
 
     def close(self) -> None:
         if self.t.network is not None:

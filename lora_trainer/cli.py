@@ -22,6 +22,7 @@ from . import presets
 from .errors import UserError
 
 log = logging.getLogger("lora_trainer")
+LOG_FILE: str | None = None  # the current run's log file, named when an internal error ends the run
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,17 +119,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, bundle, as_json: bool, callbacks_cls) -> int:
+    from .logs import run_log, run_log_path
     from .train import train
 
     stop = _StopFlag()
     stop.install()
     cb = callbacks_cls(on_progress=None if as_json else ProgressPrinter(), should_stop=lambda: stop.requested)
-    result = train(cfg, bundle, cb)
+    global LOG_FILE
+    LOG_FILE = run_log_path(cfg.resolved_log_dir, cfg.output_name)
+    with run_log(LOG_FILE):
+        result = train(cfg, bundle, cb)
     summary = {"output_dir": result.output_dir, "final_file": result.final_file, "files": result.files,
                "samples": result.samples, "charts": result.charts, "steps": result.steps, "epochs": result.epochs,
                "first_epoch_loss": result.first_epoch_loss, "last_epoch_loss": result.last_epoch_loss,
                "peak_memory_gb": round(result.peak_memory_gb, 3), "seconds": round(result.seconds, 1),
-               "stopped": result.stopped, "steps_explained": result.plan.explain()}
+               "stopped": result.stopped, "skipped_steps": result.skipped_steps,
+               "steps_explained": result.plan.explain(), "dataset": result.dataset_summary}
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
@@ -326,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("aborted\n")
         return 130
+    except Exception:  # an internal error: the traceback, and where the full log is
+        where = f"; the full log is in {LOG_FILE}" if LOG_FILE else ""
+        log.exception("internal error (a bug in Train LoRA, not in your input)%s", where)
+        return 1
 
 
 if __name__ == "__main__":

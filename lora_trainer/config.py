@@ -120,6 +120,10 @@ class TrainConfig:
     color_aug: bool = opt(False, "Randomly shift hue/brightness (needs cache_latents off).", "dataset")
     random_crop: bool = opt(False, "Crop at a random position instead of the centre (needs cache_latents off).",
                             "dataset")
+    alpha_background: str = opt("white", "Colour that transparent pixels are composited on: a name, #rrggbb or "
+                                         "'r,g,b'.", "dataset")
+    alpha_mask: bool = opt(False, "Use the images' transparency as a loss mask: transparent areas do not train "
+                                  "(images without alpha train everywhere).", "dataset")
     prior_loss_weight: float = opt(1.0, "Weight of the loss on regularisation images.", "dataset", min=0.0, max=100.0)
     tag_occurrence_txt_file: bool = opt(True, "Write a tag-frequency file beside the outputs.", "dataset")
     sort_tag_occurrence_alphabetically: bool = opt(False, "Sort the tag-frequency file alphabetically instead of "
@@ -181,6 +185,8 @@ class TrainConfig:
                                     when=lambda c: c.lr_scheduler == "polynomial",
                                     when_text="lr_scheduler == polynomial")
     max_grad_norm: float = opt(1.0, "Clip gradients to this norm (0 = no clipping).", "training", min=0.0, max=1e6)
+    max_nonfinite_steps: int = opt(5, "A step whose loss or gradients are NaN/inf is skipped; after this many in a "
+                                      "row the run stops (the saves before stay).", "training", min=1, max=10000)
     train_batch_size: int = opt(1, "Images per step.", "training", min=1, max=1024)
     gradient_accumulation_steps: int = opt(1, "Accumulate gradients over N batches per optimizer step.",
                                            "training", min=1, max=1024)
@@ -551,6 +557,13 @@ def _cross_problems(c: TrainConfig) -> list[str]:
         p.append("xformers and sdpa are both true: choose one attention backend")
     for name in ("output_name",):
         p.extend(_name_problems(name, getattr(c, name)))
+    try:
+        from .data.images import parse_color
+
+        parse_color(c.alpha_background)
+    except ValueError:
+        p.append(f"alpha_background: {c.alpha_background!r} is not a colour; use a name (white, black, gray), "
+                 f"#rrggbb or 'r,g,b'")
     try:
         parse_optimizer_args(c.optimizer_args)
     except ValueError as e:

@@ -2,15 +2,19 @@
 
 Everything the trainer writes goes to a temporary name in the same folder, is flushed and fsynced, and is then
 renamed over the final name (`os.replace` is atomic on POSIX and Windows). A crash leaves either the old file or
-the new one, plus at most a stray `.tmp-*` file that the next write of the same name removes.
+the new one, plus at most a stray hidden `.tmp-*` file that the next run removes (`clean_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+
+TMP_PREFIX = ".tmp-"
 
 
 @contextlib.contextmanager
@@ -18,7 +22,7 @@ def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}.", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}.", dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -45,6 +49,23 @@ def atomic_write_with(path: str, writer: Callable[[str], None]) -> None:
     """Call `writer(tmp_path)` (e.g. torch.save, Image.save) and move the result into place."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def clean_stale_temporaries(folder: str) -> int:
+    """Remove `.tmp-*` files and folders a killed process left in `folder`; returns how many."""
+    if not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for name in os.listdir(folder):
+        if not name.startswith(TMP_PREFIX):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed += 1
+    if removed:
+        logging.getLogger(__name__).info("removed %d unfinished temporary file(s) from %s", removed, folder)
+    return removed
 
 
 def _umask() -> int:

@@ -5,11 +5,13 @@ Charts are drawn with Pillow (no plotting dependency, so they work inside the We
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -18,6 +20,31 @@ from .errors import UserError
 from .fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def run_log(path: str) -> Iterator[str]:
+    """Copy everything the trainer logs (with tracebacks) into `path` for the duration of a run."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger("lora_trainer")
+    root.addHandler(handler)
+    try:
+        yield path
+    except Exception as e:  # into the file only: the caller decides what the console shows
+        user = isinstance(e, UserError)
+        handler.handle(root.makeRecord(root.name, logging.ERROR, __file__, 0, "the run stopped: %s", (e,),
+                                       None if user else sys.exc_info()))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run_log_path(log_dir: str, name: str) -> str:
+    return os.path.join(log_dir, f"{name}.log")
 
 
 class MetricsLog:

@@ -45,7 +45,24 @@ def snr_weights(alphas_t: Tensor, gamma: float | None, v_prediction: bool) -> Te
     return clipped / (snr + 1) if v_prediction else clipped / snr
 
 
-def weighted_mse(pred: Tensor, tgt: Tensor, weights: Tensor) -> Tensor:
-    """Mean over pixels per sample, times the sample's weight (min-SNR x prior-loss), mean over the batch."""
-    per_sample = F.mse_loss(pred.float(), tgt.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+def weighted_mse(pred: Tensor, tgt: Tensor, weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over pixels per sample, times the sample's weight (min-SNR x prior-loss), mean over the batch.
+
+    A mask (B x h x w in [0, 1], from the images' alpha with `alpha_mask`) scales each latent pixel's error before
+    the mean, as kohya's masked loss does: transparent regions do not train."""
+    err = F.mse_loss(pred.float(), tgt.float(), reduction="none")
+    if mask is not None:
+        m = mask.to(err.device, err.dtype)[:, None]
+        if m.shape[-2:] != err.shape[-2:]:
+            m = F.interpolate(m, size=err.shape[-2:], mode="area")
+        err = err * m
+    return (err.mean(dim=(1, 2, 3)) * weights).mean()
+
+
+def grad_norm(params: list[Tensor]) -> Tensor:
+    """Total L2 norm of the gradients (NaN/inf if any gradient is), without a host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))

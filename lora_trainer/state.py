@@ -82,8 +82,25 @@ def _replace_dir(new: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover(parent: str) -> None:
+    """Finish what a process killed inside `_replace_dir` left: `X-state.old` without `X-state` becomes `X-state`
+    again (the old state is complete; the new one never got its name), and a redundant `.old` is removed."""
+    if not os.path.isdir(parent):
+        return
+    for name in os.listdir(parent):
+        if not name.endswith("-state.old"):
+            continue
+        old, final = os.path.join(parent, name), os.path.join(parent, name[:-len(".old")])
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
 def load_state(folder: str) -> tuple[RunState, dict[str, torch.Tensor], dict[str, Any], tuple]:
     """(run state, network tensors, training blobs, python RNG state) or a UserError naming what is wrong."""
+    folder = os.path.normpath(folder)
+    recover(os.path.dirname(os.path.abspath(folder)))
     needed = ("network.safetensors", "training.pt", "state.json")
     if not os.path.isdir(folder):
         raise UserError(f"resume: state folder not found: {folder}")

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import secrets
 import shutil
@@ -24,14 +25,15 @@ from typing import Any
 import torch
 
 from . import config as cfgmod
-from . import losses, memory
+from . import diskspace, losses, memory
 from .config import TrainConfig
 from .data.buckets import BucketPlanner
 from .data.captions import CaptionOptions, format_tag_file
 from .data.dataset import Dataset, build_dataset
+from .data.images import parse_color
 from .data.pipeline import AugmentOptions, Batch, BatchBuilder, LatentCache, TextCache, cache_latents
 from .errors import UserError
-from .fileio import atomic_write_text, atomic_write_with
+from .fileio import atomic_write_text, atomic_write_with, clean_stale_temporaries
 from .logs import MetricsLog, TensorBoardLog, write_charts
 from .model import ModelBundle, SamplePrompt, TrainingSetup, dtype_of, eval_mode
 from .networks.algorithms import NetworkSettings
@@ -40,6 +42,7 @@ from .networks.network import LoraNetwork
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .samples import load_prompts
 from .state import Position, RunState, load_state, save_state
+from .state import recover as recover_states
 from .steps import StepPlan, plan_steps
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class Progress:
     eta_s: float | None = None
     peak_memory_gb: float | None = None
     message: str = ""
+    total_samples: int = 0  # preview images the configured intervals will render
 
 
 @dataclass
@@ -88,6 +92,7 @@ class TrainResult:
     seconds: float
     stopped: bool
     state_dir: str | None = None
+    skipped_steps: int = 0  # not applied: NaN/inf loss or gradients
     dataset_summary: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -155,6 +160,8 @@ class Trainer:
         self.epoch_losses: dict[str, list[float]] = {}
         self.stopped = False
         self.split = 1  # micro-batches per batch; doubles after an out-of-memory error
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0  # steps not applied because the loss or gradients were NaN/inf
         self._warned_shared = False
         self.text_cache: TextCache | None = None
         self._last_sample_step = -1
@@ -181,6 +188,7 @@ class Trainer:
         try:
             self._prepare_model()
             self._build_network()
+            self._check_disk_space()
             self._cache_latents()
             if self.stopped:
                 return self._result(None, Position())
@@ -234,10 +242,24 @@ class Trainer:
             raise UserError(f"output_dir: cannot create {self.cfg.output_dir}: {e.strerror}") from None
         if not os.access(self.cfg.output_dir, os.W_OK):
             raise UserError(f"output_dir: {self.cfg.output_dir} is not writable; choose another folder")
-        final = self._final_path()
-        if os.path.exists(final) and not self.cfg.overwrite and not self.cfg.resume and not self.cfg.save_json_only:
-            raise UserError(f"output file {final} already exists; choose another output_name or set overwrite to "
-                            f"replace it")
+        work = self.cfg.resolved_work_dir
+        for folder in (self.cfg.output_dir, work, os.path.join(work, "sample")):
+            clean_stale_temporaries(folder)
+        recover_states(work)
+        if self.cfg.overwrite or self.cfg.resume or self.cfg.save_json_only:
+            return
+        existing = self._existing_outputs()
+        if existing:
+            names = ", ".join(os.path.basename(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+            raise UserError(f"output_name {self.cfg.output_name!r}: {len(existing)} file(s) of an earlier run are in "
+                            f"{self.cfg.output_dir} ({names}); choose another output_name, move them away, set "
+                            f"resume to continue that run, or set overwrite to replace them")
+
+    def _existing_outputs(self) -> list[str]:
+        """Network files this run would write that already exist (final, epoch and step saves)."""
+        c = self.cfg
+        pattern = re.compile(rf"^{re.escape(c.output_name)}(-\d{{6}}|-step\d{{8}})?\.{re.escape(c.save_model_as)}$")
+        return sorted(os.path.join(c.output_dir, n) for n in os.listdir(c.output_dir) if pattern.match(n))
 
     def _dry_run(self) -> TrainResult:
         base = os.path.join(self.cfg.resolved_work_dir, self.cfg.output_name)
@@ -286,17 +308,32 @@ class Trainer:
         log.info("%s network: %d layers, %.2fM parameters (%s)", c.network_module, len(net.targets), n_params / 1e6,
                  ", ".join(sorted(net.trained_parts())))
 
+    def _planned_samples(self) -> int:
+        """Sample images the intervals will render (first, every N epochs/steps, final)."""
+        c, plan = self.cfg, self.plan
+        events = int(c.sample_at_first)
+        if c.sample_every_n_epochs or c.sample_every_n_steps:
+            events += (plan.epochs // c.sample_every_n_epochs if c.sample_every_n_epochs else 0) + \
+                (plan.total_steps // c.sample_every_n_steps if c.sample_every_n_steps else 0) + 1
+        return len(self._sample_prompts()) * events if events else 0
+
+    def _check_disk_space(self) -> None:
+        n_params = sum(p.numel() for p in self.network.parameters())
+        latents = sum(4 * (it.placement.bucket[0] // 8) * (it.placement.bucket[1] // 8) for it in self.dataset.items)
+        self.planned_samples = self._planned_samples()
+        diskspace.check(diskspace.estimate(self.cfg, self.plan, n_params, latents, self.planned_samples))
+
     # -- latents -----------------------------------------------------------------------------------------------
     def _cache_latents(self) -> None:
         c = self.cfg
-        self.cache = LatentCache(self.bundle.vae_id, c.cache_latents_to_disk) if c.cache_latents else None
-        self.builder = BatchBuilder(self.dataset, self._caption_options(),
-                                    AugmentOptions(c.flip_aug, c.color_aug, c.random_crop), self.cache)
+        aug = AugmentOptions(c.flip_aug, c.color_aug, c.random_crop, parse_color(c.alpha_background), c.alpha_mask)
+        self.cache = LatentCache(self.bundle.vae_id, c.cache_latents_to_disk, aug) if c.cache_latents else None
+        self.builder = BatchBuilder(self.dataset, self._caption_options(), aug, self.cache)
         if self.cache is None:
             return
         self._progress("caching", message="caching latents")
         t = time.time()
-        encoded, reused = cache_latents(self.dataset, self.bundle.encode_images, self.cache, c.flip_aug,
+        encoded, reused = cache_latents(self.dataset, self.bundle.encode_images, self.cache, aug,
                                         batch_size=max(1, c.train_batch_size),
                                         on_progress=lambda d, n: self._progress("caching", message=f"{d}/{n}"),
                                         should_stop=self._should_stop)
@@ -424,7 +461,7 @@ class Trainer:
                 loss = self._loss(batch) / len(micro)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
-        self._apply_gradients()
+        self._apply_gradients(total)
         return total
 
     def _back_off(self) -> None:
@@ -447,18 +484,43 @@ class Trainer:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _apply_gradients(self) -> None:
+    def _apply_gradients(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
-        if self.scaler is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        else:
+            norm = losses.grad_norm(self.trainable)
+        # fp16's loss scaler skips steps with overflowing gradients by itself (that is how it finds its scale)
+        finite = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
+        if not bool(finite):  # one flag read back per step: the price of never applying a NaN update
+            self._skip_step(loss)
+        elif self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.nonfinite_streak = 0
         else:
             self.optimizer.step()
+            self.nonfinite_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def _skip_step(self, loss: torch.Tensor) -> None:
+        """A NaN/inf loss or gradient: no update this step; too many in a row end the run with advice."""
+        if self.scaler is not None:
+            self.scaler.update()
+        step = self.scheduler.last_epoch + 1
+        self.nonfinite_streak += 1
+        self.skipped_steps += 1
+        what = "loss" if not torch.isfinite(loss) else "gradients"
+        log.warning("step %d: the %s were not finite; the step is skipped (%d in a row, %d in all)", step,
+                    what, self.nonfinite_streak, self.skipped_steps)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            hint = ("with fp16 use bf16 or mixed_precision 'no' (or a VAE that works in fp16), " if
+                    self.cfg.mixed_precision == "fp16" else "")
+            raise UserError(f"the {what} were NaN/inf for {self.nonfinite_streak} steps in a row (up to step {step}):"
+                            f" {hint}lower the learning rate, or set max_grad_norm; the files saved before step "
+                            f"{step} are intact")
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Noise the latents at random timesteps and regress the model's prediction onto the target."""
@@ -475,7 +537,7 @@ class Trainer:
         pred = self.bundle.predict(noisy.to(dtype_of(self.cfg.mixed_precision)), t, cond)
         prior = torch.where(batch.is_reg.to(self.device), self.cfg.prior_loss_weight, 1.0)
         weights = losses.snr_weights(a, self.cfg.min_snr_gamma, self.v_pred) * prior
-        return losses.weighted_mse(pred, losses.target(latents, noise, a, self.v_pred), weights)
+        return losses.weighted_mse(pred, losses.target(latents, noise, a, self.v_pred), weights, batch.masks)
 
     # -- per step / per epoch ----------------------------------------------------------------------------------
     def _after_step(self, pos: Position, loss: torch.Tensor) -> None:
@@ -492,6 +554,8 @@ class Trainer:
             self._save_intermediate(pos, f"{c.output_name}-step{pos.step:08d}", by_step=True)
         if sample:
             self._sample(pos, f"s{pos.step:06d}")
+        if save or sample:
+            self._last_flush = (time.time(), pos.step)  # it/s counts training time, not saving or sampling
 
     def _after_epoch(self, epoch: int, pos: Position) -> None:
         c = self.cfg
@@ -501,6 +565,7 @@ class Trainer:
             self._save_intermediate(pos, f"{c.output_name}-{epoch:06d}", by_step=False)
         if c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
             self._sample(pos, f"e{epoch:06d}")
+        self._last_flush = (time.time(), pos.step)
 
     def _flush_due(self, pos: Position) -> bool:
         """Read losses back from the device every 10 steps or every second, not every step (each read is a sync)."""
@@ -513,11 +578,8 @@ class Trainer:
         now, (then, step_then) = time.time(), self._last_flush
         rate = (self._pending[-1][0].step - step_then) / max(now - then, 1e-9)
         for (pos, _), value in zip(self._pending, values):
-            if not math.isfinite(value):
-                raise UserError(f"the loss became {value} at step {pos.step}: with fp16 try bf16 or "
-                                f"mixed_precision 'no' (or a fp16-fixed VAE), or lower the learning rate; the "
-                                f"saves before this step are intact")
-            self._record(pos, value, rate)
+            if math.isfinite(value):  # a non-finite step was skipped and counted when it happened
+                self._record(pos, value, rate)
         self._pending.clear()
         self._last_flush = (now, pos.step)
         if not self._warned_shared and (warning := memory.shared_memory_warning(self.device)):
@@ -581,7 +643,8 @@ class Trainer:
     def _save_network(self, path: str, pos: Position, title: str) -> str:
         self._progress("saving", step=pos.step, message=os.path.basename(path))
         meta = build_metadata(self.cfg, self._run_info(), steps=pos.step, epoch=pos.epochs_started, title=title)
-        save_network(path, self.network.export_state_dict(), meta, self.cfg.save_precision)
+        with diskspace.writing(path, self.files):
+            save_network(path, self.network.export_state_dict(), meta, self.cfg.save_precision)
         self.files.append(path)
         log.info("saved %s", path)
         if self.cb.on_save is not None:
@@ -626,8 +689,9 @@ class Trainer:
         folder = f"{path_stem}-state"
         run = RunState(pos, self.seed, self.session_id, self.started_at, config_fingerprint(self.cfg),
                        self.prior_metrics + self.metrics.records, self.epoch_losses, self.split)
-        save_state(folder, run=run, network_state=self.network.training_state(), optimizer=self.optimizer,
-                   scheduler=self.scheduler, scaler=self.scaler, py_rng=self.py_rng, noise_gen=self.noise_gen)
+        with diskspace.writing(folder, self.files):
+            save_state(folder, run=run, network_state=self.network.training_state(), optimizer=self.optimizer,
+                       scheduler=self.scheduler, scaler=self.scaler, py_rng=self.py_rng, noise_gen=self.noise_gen)
         self.state_dir = folder
         log.info("saved training state %s", folder)
         return folder
@@ -683,7 +747,9 @@ class Trainer:
         paths = []
         for p, img in zip(prompts, images):
             path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{p.name}_{p.seed}.png")
-            atomic_write_with(path, lambda tmp, img=img, p=p: img.save(tmp, format="PNG", pnginfo=_pnginfo(img, p)))
+            with diskspace.writing(path, self.files):
+                atomic_write_with(path, lambda tmp, img=img, p=p: img.save(tmp, format="PNG",
+                                                                           pnginfo=_pnginfo(img, p)))
             paths.append(path)
         self.sample_files.extend(paths)
         if self.cb.on_samples is not None:
@@ -721,7 +787,8 @@ class Trainer:
             return
         plan = getattr(self, "plan", None)
         self.cb.on_progress(Progress(phase, total_steps=plan.total_steps if plan else 0,
-                                     total_epochs=plan.epochs if plan else 0, **kw))
+                                     total_epochs=plan.epochs if plan else 0,
+                                     total_samples=getattr(self, "planned_samples", 0), **kw))
 
     def _result(self, final: str | None, pos: Position) -> TrainResult:
         losses = [v for _, v in sorted(self.epoch_losses.items(), key=lambda kv: int(kv[0]))]
@@ -731,7 +798,7 @@ class Trainer:
                            getattr(self, "charts", []), pos.step, pos.epochs_started,
                            self.plan, mean[0] if mean else None, mean[-1] if mean else None,
                            peak_memory_gb(self.device), time.time() - self.t0, self.stopped,
-                           getattr(self, "state_dir", None), self.dataset.report.as_dict())
+                           getattr(self, "state_dir", None), self.skipped_steps, self.dataset.report.as_dict())
 
 
 def _pnginfo(img, p: SamplePrompt):

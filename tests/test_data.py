@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lora_trainer.data.buckets import BucketPlanner, ImageTooSmall, make_bucket_resolutions
+from lora_trainer.data.buckets import BucketPlanner, ExtremeAspect, ImageTooSmall, make_bucket_resolutions
 from lora_trainer.data.captions import (
     CaptionOptions,
     find_caption,
@@ -36,7 +36,14 @@ def test_bucket_placement_properties(res, steps, size):
     min_reso, max_reso = 256, 2048
     assume(min_reso % steps == 0)
     planner = BucketPlanner((res, res), True, min_reso, max_reso, steps, False)
-    p = planner.place(*size)
+    ratio = size[0] / size[1]
+    try:
+        p = planner.place(*size)
+    except ExtremeAspect:  # only when even the closest bucket would crop away more than half of the image
+        w, h = min(planner.buckets, key=lambda b: abs(b[0] / b[1] - ratio))
+        assert min(w / h, ratio) / max(w / h, ratio) < 0.5 + 1e-6
+        return
+    assert p.kept_fraction >= 0.5
     bw, bh = p.bucket
     assert p.bucket in planner.buckets  # each image lands in exactly one of the predefined buckets
     assert bw % steps == 0 and bh % steps == 0
@@ -47,7 +54,6 @@ def test_bucket_placement_properties(res, steps, size):
     left, top, right, bottom = p.crop_box(random.Random(0))
     assert left >= 0 and top >= 0 and right <= p.resized[0] and bottom <= p.resized[1]
     # no bucket has a closer aspect ratio than the chosen one
-    ratio = size[0] / size[1]
     best = min(abs(w / h - ratio) for w, h in planner.buckets)
     assert abs(bw / bh - ratio) == pytest.approx(best)
 
@@ -76,9 +82,11 @@ def test_bucket_resolutions_match_kohyas_table_for_512():
 
 def test_without_buckets_every_image_is_cropped_to_the_resolution():
     planner = BucketPlanner((512, 768), False)
-    for size in [(100, 100), (3000, 1000), (512, 768)]:
+    for size in [(100, 100), (1000, 1000), (512, 768), (900, 1000)]:
         p = planner.place(*size)
         assert p.bucket == (512, 768) and p.resized[0] >= 512 and p.resized[1] >= 768
+    with pytest.raises(ExtremeAspect, match="3000x1000.*enable_bucket"):
+        planner.place(3000, 1000)  # a 3:1 image cropped to 2:3 would keep a fifth of itself
 
 
 @given(images=st.integers(1, 500), repeats=st.integers(1, 50), batch=st.integers(1, 32), accum=st.integers(1, 8),

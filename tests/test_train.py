@@ -135,11 +135,15 @@ def test_dry_run_writes_config_and_step_arithmetic_only(tmp_path, dataset_dir):
     assert saved["save_json_only"] is True and saved["config_version"] == 1
 
 
-def test_existing_output_is_not_overwritten(tmp_path, dataset_dir):
-    (tmp_path / "t.safetensors").write_bytes(b"precious")
-    with pytest.raises(UserError, match="already exists"):
-        run(base_config(dataset_dir, str(tmp_path)))
-    assert (tmp_path / "t.safetensors").read_bytes() == b"precious"
+@pytest.mark.parametrize("earlier", ["t.safetensors", "t-000002.safetensors", "t-step00000004.safetensors"])
+def test_existing_output_is_not_overwritten(tmp_path, dataset_dir, earlier):
+    (tmp_path / earlier).write_bytes(b"precious")
+    (tmp_path / "t-notes.safetensors").write_bytes(b"not ours")  # not a name this run writes
+    with pytest.raises(UserError, match=f"1 file.*{earlier}.*overwrite"):
+        run(base_config(dataset_dir, str(tmp_path), save_every_n_epochs=1, save_every_n_steps=1))
+    assert (tmp_path / earlier).read_bytes() == b"precious"
+    if earlier != "t.safetensors":
+        return
     run(base_config(dataset_dir, str(tmp_path), overwrite=True))
     assert (tmp_path / "t.safetensors").read_bytes() != b"precious"
 

@@ -158,6 +158,32 @@ def test_a_run_saves_into_the_lora_folder_and_leaves_the_model_exactly_as_it_was
         assert list(_txt2img(host, "a red circle <lora:webui_lora:1>").getdata()) != list(image_before.getdata())
 
 
+def test_the_progress_bar_only_moves_forward_and_is_full_only_after_the_check(tmp_path):
+    from lora_trainer.webui.job import MANAGER
+
+    seen = []
+    with webui("sd1", str(tmp_path)) as host:
+        state = host.shared.state
+        plain = type(state)
+
+        class Recording(plain):
+            def __setattr__(self, name, value):
+                super().__setattr__(name, value)
+                if name in ("job_no", "job_count") and self.job_count > 0 and MANAGER.job is not None:
+                    seen.append((min(self.job_no / self.job_count, 1.0), MANAGER.job.status.phase))
+
+        state.__class__ = Recording
+        try:  # 4 steps, previews at steps 2 and 4 and a final one, then the two renders of the check
+            status = _wait(MANAGER.start(_config(tmp_path, sample_every_n_steps=2)))
+        finally:
+            state.__class__ = plain
+    assert status.state == "finished" and status.check["ok"]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions), seen
+    first_check = next(i for i, (_, phase) in enumerate(seen) if phase == "checking")
+    assert max(fractions[:first_check]) < 1.0 and fractions[-1] == 1.0, seen
+
+
 def test_cancel_and_an_injected_failure_restore_the_model(tmp_path):
     from lora_trainer.webui.job import MANAGER
 

@@ -5,6 +5,9 @@ to the bucket; buckets have sides that are multiples of `bucket_reso_steps`, lie
 of at most the training resolution's area. With `bucket_no_upscale`, images are only ever shrunk: the bucket is the
 largest step multiple that fits inside the image (scaled down to the area first if needed). With bucketing off,
 every image is resized to cover the training resolution and cropped to it.
+
+An image whose aspect ratio is so far from every bucket that more than half of it would be cropped away is refused
+(`ExtremeAspect`): training on a third of a picture with a caption that describes all of it teaches the wrong thing.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class Placement:
 
     bucket: Size
     resized: Size
+    scale: float = 1.0  # resized / original; above 1 the image is enlarged
+
+    @property
+    def kept_fraction(self) -> float:
+        """Share of the resized image that survives the crop."""
+        return self.bucket[0] * self.bucket[1] / (self.resized[0] * self.resized[1])
 
     @property
     def aspect_error(self) -> float:
@@ -51,8 +60,19 @@ class Placement:
         return left, top, left + self.bucket[0], top + self.bucket[1]
 
 
-class ImageTooSmall(ValueError):
+class UnplaceableImage(ValueError):
+    """The image cannot go into any bucket; `str(e)` says why and what to do."""
+
+
+class ImageTooSmall(UnplaceableImage):
     pass
+
+
+class ExtremeAspect(UnplaceableImage):
+    pass
+
+
+MIN_KEPT_FRACTION = 0.5
 
 
 class BucketPlanner:
@@ -72,12 +92,12 @@ class BucketPlanner:
 
     def place(self, width: int, height: int) -> Placement:
         if not self.enable_bucket:
-            return _cover(width, height, self.resolution)
+            return _check_aspect(width, height, _cover(width, height, self.resolution), "enable_bucket")
         if self.no_upscale:
             return self._place_no_upscale(width, height)
         ratio = width / height
         best = min(range(len(self.buckets)), key=lambda i: (abs(self._ratios[i] - ratio), i))
-        return _cover(width, height, self.buckets[best])
+        return _check_aspect(width, height, _cover(width, height, self.buckets[best]), "max_bucket_reso")
 
     def _place_no_upscale(self, width: int, height: int) -> Placement:
         ratio = width / height
@@ -90,11 +110,20 @@ class BucketPlanner:
         if bucket[0] < self.steps or bucket[1] < self.steps:
             raise ImageTooSmall(f"{width}x{height} is smaller than one bucket step ({self.steps} px) "
                                 f"and bucket_no_upscale forbids enlarging it")
-        return Placement(bucket, resized)
+        return Placement(bucket, resized, resized[0] / width)
 
 
 def _cover(width: int, height: int, bucket: Size) -> Placement:
     """Scale so that the image covers `bucket` with one side matching exactly."""
     scale = max(bucket[0] / width, bucket[1] / height)
     resized = (max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5)))
-    return Placement(bucket, resized)
+    return Placement(bucket, resized, scale)
+
+
+def _check_aspect(width: int, height: int, placement: Placement, remedy: str) -> Placement:
+    if placement.kept_fraction < MIN_KEPT_FRACTION:
+        bw, bh = placement.bucket
+        raise ExtremeAspect(f"{width}x{height} (aspect {width / height:.2f}) would lose "
+                            f"{(1 - placement.kept_fraction) * 100:.0f}% to the crop into {bw}x{bh}; crop the "
+                            f"image closer to its subject, or allow wider buckets ({remedy})")
+    return placement

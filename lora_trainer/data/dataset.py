@@ -16,13 +16,15 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .buckets import BucketPlanner, ImageTooSmall, Placement, Size
+from .buckets import BucketPlanner, Placement, Size, UnplaceableImage
 from .captions import find_caption, tag_frequency
-from .images import UnreadableImage, image_size, is_image_file
+from .images import UnreadableImage, check_decodable, image_size, is_image_file
 
 log = logging.getLogger(__name__)
 
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
+UPSCALE_WARN = 1.5  # enlarging more than this makes an image visibly soft
+_MAX_LISTED = 10  # per-file warnings of one kind before they are summed up
 
 
 @dataclass
@@ -60,11 +62,23 @@ class ScanReport:
     ignored_folders: list[str] = field(default_factory=list)
     captions_from_folder: int = 0
     orphan_captions: list[str] = field(default_factory=list)
+    empty_captions: list[str] = field(default_factory=list)
+    upscaled: list[tuple[str, float]] = field(default_factory=list)  # (path, factor) enlarged by UPSCALE_WARN+
 
     def as_dict(self) -> dict:
         return {"skipped_images": len(self.skipped), "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
                 "ignored_folders": self.ignored_folders, "captions_from_folder_name": self.captions_from_folder,
-                "caption_files_without_image": len(self.orphan_captions)}
+                "caption_files_without_image": len(self.orphan_captions),
+                "empty_caption_files": len(self.empty_captions),
+                "upscaled_images": len(self.upscaled),
+                "upscaled": [{"path": p, "factor": round(f, 2)} for p, f in self.upscaled]}
+
+    def log_summary(self) -> None:
+        """One line for what was skipped or changed, after the per-file warnings."""
+        if self.skipped or self.upscaled or self.empty_captions or self.orphan_captions:
+            log.warning("dataset: %d image(s) skipped, %d enlarged by %.1fx or more, %d empty caption file(s), %d "
+                        "caption file(s) without an image", len(self.skipped), len(self.upscaled), UPSCALE_WARN,
+                        len(self.empty_captions), len(self.orphan_captions))
 
 
 def scan_subsets(root: str, is_reg: bool, report: ScanReport) -> list[Subset]:
@@ -102,18 +116,47 @@ def scan_images(subset: Subset, planner: BucketPlanner, caption_extension: str,
         try:
             w, h = image_size(path)
             placement = planner.place(w, h)
-        except (UnreadableImage, ImageTooSmall) as e:
-            report.skipped.append((path, str(e)))
-            log.warning("skipping %s", e if isinstance(e, UnreadableImage) else f"{path}: {e}")
+            check_decodable(path)
+        except UnreadableImage as e:
+            _skip(report, path, str(e))
             continue
-        caption, _ = find_caption(path, caption_extension)
-        if not caption:
-            caption = subset.class_tokens
-            report.captions_from_folder += 1
-        items.append(ImageItem(path, subset, caption, (w, h), placement, subset.num_repeats))
+        except UnplaceableImage as e:
+            _skip(report, path, f"{path}: {e}")
+            continue
+        if placement.scale >= UPSCALE_WARN:
+            _note_upscale(report, path, w, h, placement)
+        items.append(ImageItem(path, subset, _caption_for(path, subset, caption_extension, report), (w, h),
+                               placement, subset.num_repeats))
     _note_orphan_captions(subset.image_dir, names, caption_extension, report)
     subset.img_count = len(items)
     return items
+
+
+def _skip(report: ScanReport, path: str, reason: str) -> None:
+    report.skipped.append((path, reason))
+    log.warning("skipping %s", reason)
+
+
+def _note_upscale(report: ScanReport, path: str, w: int, h: int, placement: Placement) -> None:
+    report.upscaled.append((path, placement.scale))
+    if len(report.upscaled) <= _MAX_LISTED:
+        bw, bh = placement.bucket
+        log.warning("%s: %dx%d is enlarged %.1fx to fill its %dx%d bucket and will look soft; use a larger image "
+                    "or bucket_no_upscale", path, w, h, placement.scale, bw, bh)
+    elif len(report.upscaled) == _MAX_LISTED + 1:
+        log.warning("more images are enlarged; the run summary lists them all")
+
+
+def _caption_for(path: str, subset: Subset, caption_extension: str, report: ScanReport) -> str:
+    caption, caption_file = find_caption(path, caption_extension)
+    if caption_file is not None and not caption:
+        report.empty_captions.append(caption_file)
+        log.warning("caption file %s is empty; the image is trained with the folder's class tokens %r",
+                    caption_file, subset.class_tokens)
+    if not caption:
+        report.captions_from_folder += 1
+        return subset.class_tokens
+    return caption
 
 
 def _note_orphan_captions(folder: str, names: list[str], caption_extension: str, report: ScanReport) -> None:
@@ -231,4 +274,5 @@ def build_dataset(train_data_dir: str, reg_data_dir: str, planner: BucketPlanner
                         f"({len(report.skipped)} skipped as unreadable or too small); "
                         f"add .png/.jpg/.webp images to its 'N_name' folders")
     balance_reg(train, [i for i in items if i.is_reg])
+    report.log_summary()
     return Dataset(items, subsets, report, planner)

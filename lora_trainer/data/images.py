@@ -44,16 +44,72 @@ def image_size(path: str) -> tuple[int, int]:
 
 def load_rgb(path: str, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
     """Decode fully into 8-bit RGB; transparent pixels are composited on `background`."""
+    return load_image(path, background)[0]
+
+
+def load_image(path: str, background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+               keep_alpha: bool = False) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB composited on `background`, the alpha channel as an 'L' image or None) after EXIF rotation.
+
+    The alpha channel is returned only with `keep_alpha` and only for images that have one (it becomes the loss
+    mask with `alpha_mask`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return to_rgb(im, background)
+                alpha = _alpha(im) if keep_alpha else None
+                return to_rgb(im, background), alpha
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         raise UnreadableImage(_reason(path, e)) from None
+
+
+_VERIFIED: dict[tuple[str, int, int], str | None] = {}
+
+
+def check_decodable(path: str) -> None:
+    """Decode the whole file once (JPEGs at 1/8 scale, which still reads every byte) so that a truncated or corrupt
+    image is found while scanning, not in the middle of training. Results are remembered per file version."""
+    st = os.stat(path)
+    memo = (path, st.st_size, st.st_mtime_ns)
+    if memo not in _VERIFIED:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.format == "JPEG":
+                        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                    im.load()
+            _VERIFIED[memo] = None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
+            _VERIFIED[memo] = _reason(path, e)
+    if _VERIFIED[memo] is not None:
+        raise UnreadableImage(_VERIFIED[memo])
+
+
+def _alpha(im: Image.Image) -> Image.Image | None:
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        return im.getchannel("A")
+    return None
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'white', 'black', '#808080', '128,128,128' -> (r, g, b); ValueError when it is none of those."""
+    from PIL import ImageColor
+
+    raw = text.strip()
+    if "," in raw:
+        parts = [p.strip() for p in raw.split(",")]
+        if len(parts) == 3 and all(p.isdigit() and int(p) <= 255 for p in parts):
+            return int(parts[0]), int(parts[1]), int(parts[2])
+        raise ValueError(f"{text!r} is not 'r,g,b' with values 0-255")
+    rgb = ImageColor.getrgb(raw)
+    return rgb[0], rgb[1], rgb[2]
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from safetensors.torch import load_file, save_file
 
@@ -20,35 +21,55 @@ from .captions import CaptionOptions, process_caption
 from .dataset import Dataset, ImageItem
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
 CACHE_DIR = ".latent_cache"
+LATENT_FACTOR = 8  # the VAE's downsampling in every SD family
 
 
 @dataclass(frozen=True)
 class AugmentOptions:
+    """How images become training pixels: augmentation, the colour under transparent pixels, the alpha mask."""
+
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    background: tuple[int, int, int] = (255, 255, 255)
+    alpha_mask: bool = False
 
 
-def prepare_image(item: ImageItem, rng: random.Random | None, flip: bool,
-                  color_rng: random.Random | None) -> tuple[torch.Tensor, SizeInfo]:
-    """Decode, resize to cover the bucket, crop, optionally mirror and colour-jitter; -> [-1, 1] CHW tensor."""
-    from .images import load_rgb
+@dataclass
+class Prepared:
+    pixels: torch.Tensor  # [-1, 1] CHW
+    size: SizeInfo
+    mask: torch.Tensor | None  # h x w at latent size, in [0, 1], with alpha_mask (ones without alpha), else None
 
-    img = load_rgb(item.path)
-    img = img.resize(item.placement.resized, Image.Resampling.LANCZOS)
+
+def prepare_image(item: ImageItem, rng: random.Random | None, flip: bool, color_rng: random.Random | None,
+                  opts: AugmentOptions = AugmentOptions()) -> Prepared:
+    """Decode, resize to cover the bucket, crop, optionally mirror and colour-jitter."""
+    from .images import load_image
+
+    img, alpha = load_image(item.path, opts.background, keep_alpha=opts.alpha_mask)
     box = item.placement.crop_box(rng)
-    img = img.crop(box)
-    if flip:
-        img = ImageOps.mirror(img)
+    img = _fit(img, item, box, flip)
     if color_rng is not None:
         img = _color_jitter(img, color_rng)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     bw, bh = item.placement.bucket
+    mask = None
+    if opts.alpha_mask:
+        full = (torch.from_numpy(np.asarray(_fit(alpha, item, box, flip), dtype=np.float32) / 255.0)
+                if alpha is not None else torch.ones(bh, bw))
+        # area-averaged to the latent grid, as kohya's masked loss does (and 64x smaller to cache)
+        mask = F.interpolate(full[None, None], size=(bh // LATENT_FACTOR, bw // LATENT_FACTOR), mode="area")[0, 0]
     size = SizeInfo(original_hw=(item.size[1], item.size[0]), crop_top_left=(box[1], box[0]), target_hw=(bh, bw))
-    return tensor, size
+    return Prepared(tensor, size, mask)
+
+
+def _fit(img: Image.Image, item: ImageItem, box: tuple[int, int, int, int], flip: bool) -> Image.Image:
+    img = img.resize(item.placement.resized, Image.Resampling.LANCZOS).crop(box)
+    return ImageOps.mirror(img) if flip else img
 
 
 def _color_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
@@ -79,17 +100,20 @@ class LatentCache:
     flip, or another VAE can never pick up a stale entry.
     """
 
-    def __init__(self, vae_id: str, to_disk: bool):
+    def __init__(self, vae_id: str, to_disk: bool, opts: AugmentOptions = AugmentOptions()):
         self.vae_id = vae_id
         self.to_disk = to_disk
+        self.background = opts.background
+        self.with_masks = opts.alpha_mask
         self._mem: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}
         self._file_hash: dict[tuple[str, int, int], str] = {}
         self._disk_ok = True
 
     def key(self, item: ImageItem, flip: bool) -> str:
         p = item.placement
         parts = [CACHE_FORMAT, self._content_hash(item.path), str(p.bucket), str(p.resized),
-                 str(p.crop_box(None)), str(flip), self.vae_id]
+                 str(p.crop_box(None)), str(flip), str(self.background), self.vae_id]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def _content_hash(self, path: str) -> str:
@@ -109,26 +133,38 @@ class LatentCache:
 
     def get(self, item: ImageItem, flip: bool) -> torch.Tensor | None:
         key = self.key(item, flip)
-        if key in self._mem:
+        if key in self._mem and (key in self._masks or not self.with_masks):
             return self._mem[key]
         if self.to_disk:
             path = self._disk_path(item, key)
             if os.path.isfile(path):
                 try:
-                    self._mem[key] = load_file(path)["latents"]
-                    return self._mem[key]
+                    tensors = load_file(path)
                 except Exception as e:  # a torn or foreign file: re-encode it
                     log.warning("latent cache %s is unreadable (%s); encoding again", path, e)
+                    return None
+                if self.with_masks and "mask" not in tensors:
+                    return None  # cached before alpha_mask was turned on
+                self._mem[key] = tensors["latents"]
+                if "mask" in tensors:
+                    self._masks[key] = tensors["mask"]
+                return self._mem[key]
         return None
 
-    def put(self, item: ImageItem, flip: bool, latents: torch.Tensor) -> None:
+    def mask(self, item: ImageItem, flip: bool) -> torch.Tensor | None:
+        return self._masks.get(self.key(item, flip))
+
+    def put(self, item: ImageItem, flip: bool, latents: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         key = self.key(item, flip)
         latents = latents.detach().to("cpu", torch.float32).contiguous()
         self._mem[key] = latents
+        tensors = {"latents": latents}
+        if mask is not None:
+            self._masks[key] = tensors["mask"] = mask.contiguous()
         if self.to_disk and self._disk_ok:
             path = self._disk_path(item, key)
             try:
-                atomic_write_with(path, lambda tmp: save_file({"latents": latents}, tmp, {"key": key}))
+                atomic_write_with(path, lambda tmp: save_file(tensors, tmp, {"key": key}))
             except OSError as e:
                 self._disk_ok = False
                 log.warning("cannot write the latent cache next to the images (%s); keeping it in memory only", e)
@@ -138,11 +174,11 @@ class LatentCache:
 
 
 def cache_latents(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tensor], cache: LatentCache,
-                  with_flips: bool, batch_size: int = 4,
+                  opts: AugmentOptions, batch_size: int = 4,
                   on_progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> tuple[int, int]:
     """Encode every (item, flip) the cache lacks, a bucket at a time. Returns (encoded, reused)."""
-    flips = (False, True) if with_flips else (False,)
+    flips = (False, True) if opts.flip_aug else (False,)
     todo = [(it, f) for it in dataset.items for f in flips if cache.get(it, f) is None]
     reused = len(dataset.items) * len(flips) - len(todo)
     by_bucket: dict[tuple[int, int], list[tuple[ImageItem, bool]]] = {}
@@ -154,10 +190,10 @@ def cache_latents(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tenso
             if should_stop is not None and should_stop():
                 return done, reused
             chunk = group[i:i + batch_size]
-            pixels = torch.stack([prepare_image(it, None, f, None)[0] for it, f in chunk])
-            latents = encode(pixels)
-            for (it, f), lat in zip(chunk, latents):
-                cache.put(it, f, lat)
+            prepared = [prepare_image(it, None, f, None, opts) for it, f in chunk]
+            latents = encode(torch.stack([p.pixels for p in prepared]))
+            for (it, f), lat, p in zip(chunk, latents, prepared):
+                cache.put(it, f, lat, p.mask)
             done += len(chunk)
             if on_progress is not None:
                 on_progress(done, len(todo))
@@ -209,6 +245,7 @@ class Batch:
     sizes: list[SizeInfo]
     is_reg: torch.Tensor  # bool per sample
     indices: list[int] | None = None  # dataset items, for the text-encoder cache
+    masks: torch.Tensor | None = None  # B x H x W loss masks in [0, 1] with alpha_mask
 
 
 class BatchBuilder:
@@ -227,9 +264,13 @@ class BatchBuilder:
         if self.cache is not None:
             lat = [self.cache.get(it, f) for it, f in zip(items, flips)]
             if all(x is not None for x in lat):
-                return Batch(torch.stack(lat), None, captions, [size_info(it) for it in items], is_reg, indices)
+                masks = torch.stack([self.cache.mask(it, f) for it, f in zip(items, flips)]) \
+                    if self.aug.alpha_mask else None
+                return Batch(torch.stack(lat), None, captions, [size_info(it) for it in items], is_reg, indices,
+                             masks)
         crop_rng = rng if self.aug.random_crop else None
         color_rng = rng if self.aug.color_aug else None
-        prepared = [prepare_image(it, crop_rng, f, color_rng) for it, f in zip(items, flips)]
-        pixels = torch.stack([p[0] for p in prepared])
-        return Batch(None, pixels, captions, [p[1] for p in prepared], is_reg, indices)
+        prepared = [prepare_image(it, crop_rng, f, color_rng, self.aug) for it, f in zip(items, flips)]
+        pixels = torch.stack([p.pixels for p in prepared])
+        masks = torch.stack([p.mask for p in prepared]) if self.aug.alpha_mask else None
+        return Batch(None, pixels, captions, [p.size for p in prepared], is_reg, indices, masks)

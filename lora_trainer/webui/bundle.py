@@ -242,10 +242,10 @@ class WebUIBundle:
             p.cached_c, p.cached_uc = [None, None], [None, None]
             p.cached_hr_c, p.cached_hr_uc = [None, None], [None, None]
         state = host.state()
-        saved = (state.job_count, state.job_no)
+        count, no = state.job_count, state.job_no
         with _rng_kept(), contextlib.closing(p):
             processed = processing.process_images(p)
-        state.job_count, state.job_no = saved
+        state.job_count, state.job_no = count, no + 1  # one unit of the training's progress bar per preview
         if not processed.images:
             return None  # interrupted: the training loop sees the same flag and stops
         image = processed.images[0]

@@ -21,6 +21,7 @@ from PIL import Image
 from .. import config as cfgmod
 from ..config import TrainConfig
 from ..errors import UserError
+from ..logs import run_log, run_log_path
 from ..model import SamplePrompt
 from ..samples import load_prompts
 from ..train import Progress, TrainCallbacks, train
@@ -101,6 +102,8 @@ class TrainingJob:
         self._check_image: Image.Image | None = None
         self.effective_cfg: TrainConfig | None = None  # the config as it runs in the WebUI (folders, precision)
         self.abort_reason: str | None = None
+        self._renders = 0  # preview images rendered so far (each is a unit of the WebUI's progress bar)
+        self.log_file: str | None = None
 
     # -- the thread --------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -114,9 +117,11 @@ class TrainingJob:
             except UserError as e:
                 self._set(state="failed", error=str(e), message=str(e))
                 log.error("Train LoRA: %s", e)
-            except Exception as e:  # an internal error: keep the traceback in the console log
+            except Exception as e:  # an internal error: keep the traceback in the console log and the run's log
                 log.exception("Train LoRA failed")
-                self._set(state="failed", error=f"internal error: {e!r} (the traceback is in the WebUI console)")
+                where = f" and in {self.log_file}" if self.log_file else ""
+                self._set(state="failed", error=f"internal error: {e!r} (the traceback is in the WebUI console"
+                                                f"{where})")
             finally:
                 self.status.finished_at = time.time()
                 state.end()
@@ -130,7 +135,8 @@ class TrainingJob:
         self.effective_cfg = cfg
         guard.check(model, cfg)
         bundle = WebUIBundle(model)
-        with guard.HostGuard(model):
+        self.log_file = run_log_path(cfg.resolved_log_dir, cfg.output_name)
+        with run_log(self.log_file), guard.HostGuard(model):
             result = train(cfg, bundle, self._callbacks(bundle))
             self._refresh_lora_list()
             if result.final_file and not result.stopped:
@@ -147,7 +153,8 @@ class TrainingJob:
         check = self.status.check
         diff = f"; the saved file renders within {check['mean_diff'] * 100:.2f}% of the live preview" \
             if check.get("mean_diff") is not None else ""
-        return f"{what}: {final}{diff}. Use it in txt2img as <lora:{self.cfg.output_name}:1>"
+        stem = os.path.splitext(os.path.basename(final))[0]
+        return f"{what}: {final}{diff}. Use it in txt2img as <lora:{stem}:1>"
 
     # -- callbacks ---------------------------------------------------------------------------------------------
     def _callbacks(self, bundle: WebUIBundle) -> TrainCallbacks:
@@ -171,8 +178,10 @@ class TrainingJob:
         """Training progress updates every number; other phases (caching, sampling, saving) only say what they do."""
         state = host.state()
         if p.phase in ("training", "paused"):
-            state.job_count = p.total_steps
-            state.job_no = p.step
+            # the bar's units: a training step, a preview image (the WebUI counts those itself), and the two
+            # renders of the end-of-run check; so it only ever moves forward and reaches 100% at the very end
+            state.job_count = max(p.total_steps + p.total_samples, p.step + self._renders) + 2
+            state.job_no = p.step + self._renders
             self._set(step=p.step, total_steps=p.total_steps, epoch=p.epoch, total_epochs=p.total_epochs,
                       loss=p.loss, avg_loss=p.avg_loss, lr=p.lr, it_per_s=p.it_per_s, eta_s=p.eta_s,
                       vram_gb=p.peak_memory_gb)
@@ -184,6 +193,7 @@ class TrainingJob:
 
     def _on_samples(self, paths: list[str]) -> None:
         self.status.samples.extend(paths)
+        self._renders += len(paths)
 
     def _on_save(self, path: str) -> None:
         self.status.outputs.append(path)
@@ -213,7 +223,8 @@ class TrainingJob:
     def _render_live(self, bundle: WebUIBundle) -> None:
         """The check prompt with the network still attached (what the previews showed)."""
         state = host.state()
-        state.job_count = max(state.job_no, self.status.total_steps) + 2  # the bar is not at 100% while checking
+        state.job_count = max(state.job_count, state.job_no + 2)
+        state.job_no = state.job_count - 2  # each of the check's two renders moves the bar one unit
         self._set(phase="checking", message="checking the saved file through the WebUI's own Lora")
         state.textinfo = status_text(self.status)
         rendered = bundle.sample_with_info([self._check_prompt()], extra_networks=False)
@@ -224,7 +235,6 @@ class TrainingJob:
         if self._check_image is None:
             return
         name = os.path.splitext(os.path.basename(final_file))[0]
-        host.state().job_no += 1
         sp = self._check_prompt()
         sp.prompt = f"{sp.prompt} <lora:{name}:1>"
         rendered = bundle.sample_with_info([sp], extra_networks=True)
@@ -258,7 +268,7 @@ def mean_pixel_difference(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(x - y).mean() / 255.0)
 
 
-def _status_parts(s: JobStatus) -> list[str]:
+def _status_parts(s: JobStatus, with_eta: bool = True) -> list[str]:
     parts = []
     if s.total_steps:
         parts.append(f"step {s.step}/{s.total_steps}, epoch {s.epoch}/{s.total_epochs}")
@@ -266,7 +276,7 @@ def _status_parts(s: JobStatus) -> list[str]:
         parts.append(f"loss {s.loss:.4f} (avg {s.avg_loss:.4f})")
     if s.it_per_s:
         parts.append(f"{s.it_per_s:.2f} it/s")
-    if s.eta_s is not None:
+    if s.eta_s is not None and with_eta:
         parts.append(f"ETA {int(s.eta_s // 60)}:{int(s.eta_s % 60):02d}")
     if s.lr is not None:
         parts.append(f"lr {s.lr:.2e}")
@@ -276,13 +286,13 @@ def _status_parts(s: JobStatus) -> list[str]:
 
 
 def status_text(s: JobStatus) -> str:
-    """One plain line (the WebUI's progress bar puts it in textContent)."""
-    return " · ".join([s.phase or s.state, *_status_parts(s)])
+    """One plain line (the WebUI's progress bar puts it in textContent and adds its own ETA)."""
+    return " · ".join([s.phase or s.state, *_status_parts(s, with_eta=False)])
 
 
 def status_html(s: JobStatus) -> str:
     text = " &middot; ".join([f"<b>{html.escape(s.state)}</b>", *(html.escape(p) for p in _status_parts(s))])
-    if s.message:
+    if s.message and s.message != s.error:
         text += f"<br>{html.escape(s.message)}"
     if s.error:
         text += f"<br><span class='lora-trainer-error'>{html.escape(s.error)}</span>"

@@ -167,12 +167,13 @@ def build_tab():
                     comps[spec.name] = _component(gr, spec, getattr(base, spec.name), shown[spec.name])
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id=f"{TAB_ID}_train")
-            stop_btn = gr.Button("Cancel", elem_id=f"{TAB_ID}_cancel")
+            # "_interrupt": the WebUI's Esc shortcut clicks the current tab's interrupt button while it is shown
+            stop_btn = gr.Button("Cancel", elem_id=f"{TAB_ID}_interrupt")
             pause_btn = gr.Button("Pause / Resume", elem_id=f"{TAB_ID}_pause")
             sample_btn = gr.Button("Sample now", elem_id=f"{TAB_ID}_sample")
             send_btn = gr.Button("Send to txt2img", elem_id=f"{TAB_ID}_send")
         task_id = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_task")
-        lora_prompt = gr.Textbox(visible=False, elem_id=f"{TAB_ID}_lora_prompt")
+        lora_prompt = gr.Textbox(lambda: _lora_prompt(), visible=False, elem_id=f"{TAB_ID}_lora_prompt")
         with gr.Column(elem_id=f"{TAB_ID}_results"):  # the WebUI's progress bar is inserted at its top
             status = gr.HTML(lambda: _refresh()[0], elem_id=f"{TAB_ID}_status")
             gallery = gr.Gallery(lambda: _refresh()[1], label="Samples", elem_id=f"{TAB_ID}_gallery", columns=4)
@@ -291,7 +292,9 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
     sample_btn.click(lambda: _when_running(MANAGER.sample, "a sample will be rendered after the current step"), [],
                      [status])
     refresh_btn.click(_refresh, [], [status, gallery, *charts, lora_prompt], show_progress=False)
-    send_btn.click(_lora_prompt, [], [lora_prompt], _js="lora_trainer_send_to_txt2img")
+    # the prompt is computed first, then the page's script gets the fresh value (not the one shown at load)
+    send_btn.click(_lora_prompt, [], [lora_prompt]).then(None, [lora_prompt], [lora_prompt],
+                                                          _js="lora_trainer_send_to_txt2img")
 
 
 def learning_rates_for(optimizer: str, current: TrainConfig) -> dict[str, Any]:
