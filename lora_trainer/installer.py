@@ -52,11 +52,12 @@ def _norm(name: str) -> str:
 
 
 def installed_distributions() -> dict[str, str]:
-    out = {}
+    """Normalized name -> version; where a name is found twice the first on sys.path wins, as with pip and import."""
+    out: dict[str, str] = {}
     for dist in md.distributions():
         name = dist.metadata["Name"]
-        if name:
-            out[_norm(name)] = dist.version
+        if name and dist.version:
+            out.setdefault(_norm(name), dist.version)
     return out
 
 
@@ -76,9 +77,26 @@ def plan(installed: dict[str, str], tv: TorchVersion) -> list[tuple[Need, str]]:
     return todo
 
 
+# PEP 440 version syntax (the PEP's appendix B); `==` needs it, `===` takes any string
+_PEP440 = re.compile(r"""v?(?:\d+!)?\d+(?:\.\d+)*(?:[-_.]?(?:a|b|c|rc|alpha|beta|pre|preview)[-_.]?\d*)?
+    (?:-\d+|[-_.]?(?:post|rev|r)[-_.]?\d*)?(?:[-_.]?dev[-_.]?\d*)?(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?""",
+                     re.IGNORECASE | re.VERBOSE)
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?", re.IGNORECASE)
+
+
+def _pin(name: str, version: str) -> str | None:
+    """`name==version`, `name===version` for a version pip cannot parse (pip >= 24.1 rejects the whole file over
+    one such `==` line), or None for a name no requirement can spell (pip cannot install over it anyway)."""
+    if not _NAME.fullmatch(name) or not version.strip() or any(c.isspace() or c in ";#" for c in version):
+        return None
+    op = "==" if _PEP440.fullmatch(version) else "==="
+    return f"{name}{op}{version}"
+
+
 def constraints(installed: dict[str, str]) -> str:
     """Pin every installed distribution to its current version (pip -c), so nothing installed can change."""
-    return "".join(f"{name}=={version}\n" for name, version in sorted(installed.items()))
+    pins = (_pin(name, version) for name, version in sorted(installed.items()))
+    return "".join(f"{pin}\n" for pin in pins if pin)
 
 
 Runner = Callable[[Sequence[str]], tuple[int, str]]
@@ -86,11 +104,12 @@ Runner = Callable[[Sequence[str]], tuple[int, str]]
 
 def _run(cmd: Sequence[str]) -> tuple[int, str]:
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
-    return proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    return proc.returncode, proc.stdout + "\n" + proc.stderr
 
 
 def pip_command(spec: str, constraints_file: str) -> list[str]:
-    cmd = [sys.executable, "-m", "pip", "install", "--prefer-binary", "-c", constraints_file, spec]
+    cmd = [sys.executable, "-m", "pip", "install", "--prefer-binary", "--disable-pip-version-check",
+           "-c", constraints_file, spec]
     if os.environ.get("INDEX_URL"):
         cmd += ["--index-url", os.environ["INDEX_URL"]]
     return cmd
@@ -114,13 +133,40 @@ def install(installed: dict[str, str] | None = None, run: Runner = _run) -> list
             f.write(constraints(installed))
         for need, spec in todo:
             code, out = run(pip_command(spec, path))
-            if code == 0:
-                report.append(f"Train LoRA: installed {spec} ({need.why})")
-            else:
-                kind = "required" if need.required else "optional"
-                report.append(f"Train LoRA: could not install {spec} ({kind}, for {need.why}) without changing a "
-                              f"package the WebUI has installed; skipped. pip said: {out.strip().splitlines()[-1:]}")
+            report.append(f"Train LoRA: installed {spec} ({need.why})" if code == 0 else skipped(need, spec, out))
     return report
+
+
+_CONFLICT = "The conflict is caused by:"
+
+
+def pip_reason(out: str) -> str:
+    """Why pip failed, from its output: the conflict it found, else its last error, else its last line."""
+    lines = [line.strip() for line in out.splitlines()]
+    if _CONFLICT in lines:
+        cause = []
+        for line in lines[lines.index(_CONFLICT) + 1:]:
+            if not line:
+                break
+            cause.append(line.replace("The user requested (constraint) ", "the WebUI has "))
+        return "; ".join(cause[:6])[:500]
+    errors = [line for line in lines if line.startswith("ERROR:") and "ResolutionImpossible" not in line]
+    last = errors[-1:] or [line for line in lines if line][-1:] or ["no output"]
+    return last[0].removeprefix("ERROR: ")[:500]
+
+
+def skipped(need: Need, spec: str, out: str) -> str:
+    """The report line for a package pip could not install under the host's pins: why, and what that means."""
+    reason = pip_reason(out)
+    if _CONFLICT in out or "conflicting dependencies" in out:
+        reason = f"it would change a package the WebUI has installed ({reason})"
+    if need.required:
+        effect = (f"Train LoRA cannot train until it is there: install a version that fits the WebUI's packages "
+                  f"into the WebUI's Python by hand (python -m pip install \"{spec}\")")
+    else:
+        effect = f"Train LoRA works without it; only {need.why} will be unavailable"
+    kind = "required" if need.required else "optional"
+    return f"Train LoRA: could not install {spec} ({kind}, for {need.why}): {reason}; skipped. {effect}."
 
 
 def main() -> int:
