@@ -50,6 +50,7 @@ class FieldSpec:
     max: float | None = None
     when: Callable[[TrainConfig], bool] | None = None
     when_text: str = ""
+    path: str = ""  # "file", "dir" or "model" (a file, a folder or a built-in/hub name); "" = not a path
 
     @property
     def optional(self) -> bool:
@@ -61,10 +62,11 @@ class FieldSpec:
 
 
 def opt(default: Any, help: str, group: str, *, choices: Iterable | None = None, min: float | None = None,
-        max: float | None = None, when: Callable[[TrainConfig], bool] | None = None, when_text: str = ""):
+        max: float | None = None, when: Callable[[TrainConfig], bool] | None = None, when_text: str = "",
+        path: str = ""):
     """A dataclass field with the metadata the rest of the code derives its views from."""
     meta = {"help": help, "group": group, "choices": tuple(choices) if choices is not None else None,
-            "min": min, "max": max, "when": when, "when_text": when_text}
+            "min": min, "max": max, "when": when, "when_text": when_text, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,11 +81,12 @@ class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str = opt(
         "", "Base model: a .safetensors/.ckpt checkpoint, a diffusers folder, or a built-in tiny model "
-        "(tiny-sd1, tiny-sd2, tiny-sdxl). Inside the WebUI the loaded checkpoint is used instead.", "model")
+        "(tiny-sd1, tiny-sd2, tiny-sdxl). Inside the WebUI the loaded checkpoint is used instead.", "model",
+        path="model")
     model_family: str = opt("auto", "Model family; 'auto' detects it from the checkpoint.", "model", choices=FAMILIES)
     v_parameterization: bool | None = opt(
         None, "Train with v-prediction (SD2 768-v). Empty = detect from the model.", "model")
-    vae: str = opt("", "Train against this VAE file instead of the checkpoint's own VAE.", "model")
+    vae: str = opt("", "Train against this VAE file instead of the checkpoint's own VAE.", "model", path="file")
     clip_skip: int | None = opt(None, "Use the output of the N-th last text-encoder layer (2 for most anime models). "
                                       "Empty = the model's default.", "model", min=1, max=12)
     max_token_length: int = opt(75, "Longest caption in tokens; longer captions use 2 or 3 chunks of 75.", "model",
@@ -91,8 +94,9 @@ class TrainConfig:
 
     # --- dataset -----------------------------------------------------------------------------------------------
     train_data_dir: str = opt("", "Folder holding kohya-style 'N_name' subfolders (N = repeats) of images "
-                                  "with caption files.", "dataset")
-    reg_data_dir: str = opt("", "Folder of regularisation (class) images in 'N_name' subfolders.", "dataset")
+                                  "with caption files.", "dataset", path="dir")
+    reg_data_dir: str = opt("", "Folder of regularisation (class) images in 'N_name' subfolders.", "dataset",
+                            path="dir")
     resolution: str = opt("512", "Training resolution: '512' or 'width,height'.", "dataset")
     caption_extension: str = opt(".txt", "Caption file extension; falls back to .caption/.txt, then to the "
                                          "folder's class name.", "dataset")
@@ -160,7 +164,7 @@ class TrainConfig:
     module_dropout: float = opt(0.0, "Skip a whole wrapped layer with this probability each step.", "network",
                                 min=0.0, max=1.0)
     network_weights: str = opt("", "Start from the weights of an existing network file of the same algorithm.",
-                               "network")
+                               "network", path="file")
     network_train_unet_only: bool = opt(False, "Train only the UNet (faster, less VRAM).", "network")
     network_train_text_encoder_only: bool = opt(False, "Train only the text encoder(s).", "network")
 
@@ -224,9 +228,9 @@ class TrainConfig:
                               "performance")
 
     # --- saving ------------------------------------------------------------------------------------------------
-    output_dir: str = opt("output", "Folder for the trained network files.", "saving")
+    output_dir: str = opt("output", "Folder for the trained network files.", "saving", path="dir")
     work_dir: str = opt("", "Folder for samples, logs, training states and the saved config. Empty = output_dir.",
-                        "saving")
+                        "saving", path="dir")
     output_name: str = opt("my_lora", "File name of the trained network (no extension).", "saving")
     save_model_as: str = opt("safetensors", "File format.", "saving", choices=("safetensors", "ckpt", "pt"))
     save_precision: str = opt("fp16", "Precision of the saved weights.", "saving", choices=("float", "fp16", "bf16"))
@@ -239,7 +243,7 @@ class TrainConfig:
                                         max=10_000_000)
     save_state: bool = opt(False, "Save the full training state with every save, so that a run can be resumed.",
                            "saving")
-    resume: str = opt("", "Resume from a state folder written by save_state.", "saving")
+    resume: str = opt("", "Resume from a state folder written by save_state.", "saving", path="dir")
     training_comment: str = opt("", "Comment stored in the file's metadata.", "saving")
     no_metadata: bool = opt(False, "Write only the minimal metadata loaders need.", "saving")
     overwrite: bool = opt(False, "Replace an existing output file of the same name.", "saving")
@@ -250,7 +254,7 @@ class TrainConfig:
 
     # --- samples -----------------------------------------------------------------------------------------------
     sample_prompts: str = opt("", "Text file of sample prompts, one per line, with kohya's --n --w --h --d --l --s.",
-                              "samples")
+                              "samples", path="file")
     sample_every_n_epochs: int | None = opt(None, "Render samples every N epochs.", "samples", min=1, max=100000)
     sample_every_n_steps: int | None = opt(None, "Render samples every N steps.", "samples", min=1, max=10_000_000)
     sample_sampler: str = opt("euler_a", "Sampler for the samples.", "samples", choices=SAMPLERS)
@@ -258,7 +262,7 @@ class TrainConfig:
 
     # --- logging -----------------------------------------------------------------------------------------------
     log_with: str = opt("", "Also log to TensorBoard.", "logging", choices=("", "tensorboard"))
-    log_dir: str = opt("", "Folder for logs. Empty = <work_dir>/logs.", "logging")
+    log_dir: str = opt("", "Folder for logs. Empty = <work_dir>/logs.", "logging", path="dir")
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -313,7 +317,7 @@ def fields() -> list[FieldSpec]:
         m = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         out.append(FieldSpec(f.name, hints[f.name], default, m["help"], m["group"], m["choices"], m["min"],
-                             m["max"], m["when"], m["when_text"]))
+                             m["max"], m["when"], m["when_text"], m["path"]))
     return out
 
 

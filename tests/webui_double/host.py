@@ -19,31 +19,46 @@ def _purge() -> None:
 
 
 @contextlib.contextmanager
+def webui_host(root: str) -> Iterator[types.SimpleNamespace]:
+    """The double without a model: `modules.*` importable, its data and model folders under `root` as
+    `--data-dir root` would put them (v1.10.1 `modules/paths_internal.py:30-32`, Lora's `preload.py:7-8`)."""
+    _purge()
+    sys.path.insert(0, A1111)
+    try:
+        from modules import paths, shared
+
+        models = os.path.join(root, "models")
+        paths.data_path, paths.models_path = root, models
+        shared.cmd_opts.data_dir = root
+        shared.cmd_opts.lora_dir = os.path.join(models, "Lora")
+        shared.cmd_opts.lyco_dir_backcompat = os.path.join(models, "LyCORIS")
+        yield types.SimpleNamespace(shared=shared, paths=paths, root=root, lora_dir=shared.cmd_opts.lora_dir)
+    finally:
+        sys.path.remove(A1111)
+        _purge()
+
+
+@contextlib.contextmanager
 def webui(family: str, root: str, seed: int = 0) -> Iterator[types.SimpleNamespace]:
     """The double with a tiny `family` model loaded; files under `root` (Lora folder, outputs)."""
     from tests.webui_double import models
 
-    _purge()
-    sys.path.insert(0, A1111)
     old_opts = models.opts
-    try:
-        import networks
-        from modules import paths, sd_models, shared
+    with webui_host(root) as bare:
+        try:
+            import networks
+            from modules import sd_models, shared
 
-        models.opts = shared.opts  # the model's text encoders read clip skip etc. from the WebUI's settings
-        model = getattr(models, BUILDERS[family])(seed=seed)
-        models.assign_network_names(model)
-        shared.sd_model = model
-        sd_models.model_data.sd_model = model
-        info = model.sd_checkpoint_info
-        sd_models.checkpoint_aliases[info.title] = info
-        shared.opts.data["sd_model_checkpoint"] = info.title
-        shared.cmd_opts.lora_dir = os.path.join(root, "models", "Lora")
-        paths.data_path = root
-        networks.list_available_networks()
-        yield types.SimpleNamespace(model=model, shared=shared, networks=networks, root=root,
-                                    lora_dir=shared.cmd_opts.lora_dir)
-    finally:
-        models.opts = old_opts
-        sys.path.remove(A1111)
-        _purge()
+            models.opts = shared.opts  # the model's text encoders read clip skip etc. from the WebUI's settings
+            model = getattr(models, BUILDERS[family])(seed=seed)
+            models.assign_network_names(model)
+            shared.sd_model = model
+            sd_models.model_data.sd_model = model
+            info = model.sd_checkpoint_info
+            sd_models.checkpoint_aliases[info.title] = info
+            shared.opts.data["sd_model_checkpoint"] = info.title
+            networks.list_available_networks()
+            yield types.SimpleNamespace(model=model, shared=shared, networks=networks, root=root,
+                                        lora_dir=bare.lora_dir)
+        finally:
+            models.opts = old_opts
