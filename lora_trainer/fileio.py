@@ -27,9 +27,9 @@ def atomic_path(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -74,12 +74,14 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_file(path: str) -> None:
+def fsync_file(path: str) -> None:
+    """Flush a written file to the disk (a rename is only crash-safe after its content is)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
+    """Flush a folder's entries (names created or renamed in it); a no-op where folders cannot be opened."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)

@@ -1,6 +1,6 @@
 """Training state for exact resume: network parameters, optimizer, scheduler, loss scaler, every RNG, and where
-in the run we are. A state folder is written under a temporary name and renamed into place, so `resume` only ever
-sees a complete state.
+in the run we are. A state folder is written under a temporary name, each file fsynced, and renamed into place, so
+`resume` only ever sees a complete state, after a kill or a power cut.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .fileio import fsync_dir, fsync_file
 
 STATE_VERSION = 1
 
@@ -63,9 +64,11 @@ def save_state(folder: str, *, run: RunState, network_state: dict[str, torch.Ten
         meta = {"version": STATE_VERSION, "run": asdict(run), "py_rng": _py_state_to_json(py_rng.getstate())}
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
+        for name in ("network.safetensors", "training.pt", "state.json"):
+            fsync_file(os.path.join(tmp, name))
+        fsync_dir(tmp)
         _replace_dir(tmp, folder)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
