@@ -109,7 +109,14 @@ def delta_locon(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
         h = _rank_mask(m, h)
     y = F.conv2d(h, up) if isinstance(layer, nn.Conv2d) else F.linear(h, up.reshape(up.shape[0], -1))
     y = m.dropout(y) if isinstance(m.dropout, nn.Module) else y
-    return y * (m.scale * m.multiplier * m.scalar.to(y.dtype))
+    return y * _output_scale(m, y.dtype)
+
+
+def _output_scale(m: nn.Module, dtype: torch.dtype) -> float | Tensor:
+    """scale x multiplier, x the scalar when LyCORIS trains one (`use_scalar`); otherwise its scalar is a fixed
+    buffer of 1.0 and a Python number saves each wrapped layer two kernel launches forward and backward."""
+    factor = m.scale * m.multiplier
+    return factor * m.scalar.to(dtype) if isinstance(m.scalar, nn.Parameter) else factor
 
 
 def weight_locon(m: nn.Module, shape: torch.Size) -> Tensor:
