@@ -1,7 +1,8 @@
-"""Command line: `python -m lora_trainer train | demo | presets | options`.
+"""Command line: `python -m lora_trainer train | demo | wizard | bench | convert | presets | options`.
 
 Every TrainConfig field is a flag of `train` (`--network_dim 32`, `--shuffle_caption`, `--unet_lr ""` for empty),
-applied over `--preset` and `--config` in that order. User errors exit with status 2 and a one-paragraph message,
+applied over `--preset` and `--config` in that order; `--config` also takes a kohya_ss GUI JSON or an sd-scripts
+TOML, and `convert` writes our JSON from one. User errors exit with status 2 and a one-paragraph message,
 no traceback.
 """
 
@@ -49,7 +50,7 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, Any]:
 def build_config(config_path: str | None, preset: str | None, overrides: dict[str, Any]) -> cfgmod.TrainConfig:
     cfg = presets.apply(preset) if preset else cfgmod.TrainConfig()
     if config_path:
-        cfg = cfgmod.load_json(config_path, base=cfg) if preset else cfgmod.load_json(config_path)
+        cfg = cfgmod.load_config(config_path, base=cfg) if preset else cfgmod.load_config(config_path)
     if "optimizer_type" in overrides and not {"learning_rate", "unet_lr", "text_encoder_lr"} & set(overrides):
         from .optim import optimizer_defaults
 
@@ -139,6 +140,23 @@ def _run(cfg, bundle, as_json: bool, callbacks_cls) -> int:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         log.info("done: %s", result.final_file or "nothing saved")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import kohya_config
+
+    out = args.output or kohya_config.default_output(args.file)
+    loaded = kohya_config.convert(args.file, out, force=args.force)
+    lines = [f"wrote {out} from the {loaded.format} {args.file}"]
+    if loaded.prompts_file:
+        lines.append(f"wrote {loaded.prompts_file} (the sample prompts)")
+    if loaded.unsupported:
+        lines.append(f"not carried over ({len(loaded.unsupported)}):")
+        lines.extend(f"  - {u}" for u in loaded.unsupported)
+    elif loaded.format != kohya_config.OURS:
+        lines.append("every option was carried over")
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
@@ -274,7 +292,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a network")
-    p_train.add_argument("--config", help="JSON config file (our format; see 'options')")
+    p_train.add_argument("--config", help="config file: our JSON (see 'options'), a kohya_ss GUI JSON or an "
+                                          "sd-scripts TOML")
     p_train.add_argument("--preset", choices=list(presets.PRESETS), help="start from a preset")
     p_train.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
     _add_config_flags(p_train)
@@ -285,7 +304,7 @@ def make_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
     p_demo.set_defaults(func=cmd_demo)
     p_wiz = sub.add_parser("wizard", help="recommend settings that fit this (or a simulated) GPU")
-    p_wiz.add_argument("--config", help="JSON config to start from")
+    p_wiz.add_argument("--config", help="config to start from (our JSON, a kohya_ss GUI JSON or an sd-scripts TOML)")
     p_wiz.add_argument("--preset", choices=list(presets.PRESETS))
     p_wiz.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family (default: from the config)")
     p_wiz.add_argument("--vram-gb", type=float, help="simulate a GPU with this much VRAM")
@@ -312,6 +331,11 @@ def make_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--compare", metavar="OPTION=VALUE", help="run twice, the second time with this change")
     p_bench.add_argument("--json", action="store_true")
     p_bench.set_defaults(func=cmd_bench)
+    p_conv = sub.add_parser("convert", help="write our JSON config from a kohya_ss GUI JSON or an sd-scripts TOML")
+    p_conv.add_argument("file", help="the kohya_ss GUI JSON, or the sd-scripts TOML (its dataset_config is read too)")
+    p_conv.add_argument("-o", "--output", help="our JSON to write (default: FILE's name + _train_lora.json)")
+    p_conv.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p_conv.set_defaults(func=cmd_convert)
     sub.add_parser("presets", help="list presets").set_defaults(func=cmd_presets)
     sub.add_parser("options", help="list every option").set_defaults(func=cmd_options)
     return parser

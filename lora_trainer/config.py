@@ -50,7 +50,8 @@ class FieldSpec:
     max: float | None = None
     when: Callable[[TrainConfig], bool] | None = None
     when_text: str = ""
-    path: str = ""  # "file", "dir" or "model" (a file, a folder or a built-in/hub name); "" = not a path
+    path: str = ""  # "file", "dir", "model" (a file, a folder or a built-in/hub name) or "file_or_json" (a file,
+    # or JSON text that is no path: a concepts list); "" = not a path
 
     @property
     def optional(self) -> bool:
@@ -97,6 +98,22 @@ class TrainConfig:
                                   "with caption files.", "dataset", path="dir")
     reg_data_dir: str = opt("", "Folder of regularisation (class) images in 'N_name' subfolders.", "dataset",
                             path="dir")
+    concepts_list: str = opt(
+        "", "Dreambooth-extension concepts list: a concepts .json file, or the JSON array itself. Each concept is "
+            "trained with its own prompts ([filewords] = the caption), repeats (num_repeats) and class images "
+            "(num_class_images_per); relative folders start at the file's folder. Trains together with "
+            "train_data_dir.", "dataset", path="file_or_json")
+    num_class_images_per: int = opt(
+        0, "Class images wanted per training image in each reg_data_dir 'N_class' folder; missing ones are "
+           "generated (prompt: the folder's class tokens) at the training images' bucket sizes. 0 = off. "
+           "Concepts have their own.", "dataset", min=0, max=1000)
+    class_negative_prompt: str = opt("", "Negative prompt for generated class images.", "dataset",
+                                     when=lambda c: c.num_class_images_per > 0, when_text="num_class_images_per > 0")
+    class_guidance_scale: float = opt(7.5, "CFG scale for generated class images.", "dataset", min=0.0, max=50.0,
+                                      when=lambda c: c.num_class_images_per > 0,
+                                      when_text="num_class_images_per > 0")
+    class_infer_steps: int = opt(40, "Sampling steps for generated class images.", "dataset", min=1, max=1000,
+                                 when=lambda c: c.num_class_images_per > 0, when_text="num_class_images_per > 0")
     resolution: str = opt("512", "Training resolution: '512' or 'width,height'.", "dataset")
     caption_extension: str = opt(".txt", "Caption file extension; falls back to .caption/.txt, then to the "
                                          "folder's class name.", "dataset")
@@ -557,6 +574,10 @@ def _cross_problems(c: TrainConfig) -> list[str]:
         p.append(f"conv_dim: {c.conv_dim} must be a multiple of dylora_unit {c.dylora_unit} for DyLoRA")
     if c.lokr_factor == 0:
         p.append("lokr_factor: 0 is not allowed; use -1 (automatic) or a factor >= 1")
+    if c.num_class_images_per > 0 and not c.reg_data_dir:
+        p.append(f"num_class_images_per: {c.num_class_images_per} needs reg_data_dir, the folder whose 'N_class' "
+                 f"subfolders (e.g. '1_person') receive the generated class images; concepts use their own "
+                 f"num_class_images_per")
     if c.xformers and c.sdpa:
         p.append("xformers and sdpa are both true: choose one attention backend")
     for name in ("output_name",):
@@ -690,6 +711,14 @@ def load_json(path: str, *, base: TrainConfig | None = None) -> TrainConfig:
         return from_dict(data, base=base)
     except ConfigError as e:
         raise ConfigError([f"{os.path.basename(path)}: {p}" for p in e.problems]) from None
+
+
+def load_config(path: str, *, base: TrainConfig | None = None) -> TrainConfig:
+    """Any config file: our JSON (load_json), or a kohya_ss GUI JSON / sd-scripts TOML mapped to our options, the
+    ones not carried over logged as a warning (see kohya_config)."""
+    from .kohya_config import load
+
+    return load(path, base=base).config
 
 
 def save_json(cfg: TrainConfig, path: str) -> None:

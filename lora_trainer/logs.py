@@ -79,7 +79,8 @@ class TensorBoardLog:
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        for key in ("loss", "avg_loss", "lr_unet", "lr_text_encoder", "peak_memory_gb", "it_per_s"):
+        for key in ("loss", "loss/instance", "loss/prior", "avg_loss", "lr_unet", "lr_text_encoder",
+                    "peak_memory_gb", "it_per_s"):
             if record.get(key) is not None:
                 self.writer.add_scalar(key, record[key], step)
 

@@ -24,16 +24,17 @@ from typing import Any
 
 import torch
 
+from . import classimages, diskspace, losses, memory
 from . import config as cfgmod
-from . import diskspace, losses, memory
 from .config import TrainConfig
 from .data.buckets import BucketPlanner
-from .data.captions import CaptionOptions, format_tag_file
+from .data.captions import CaptionOptions, find_caption, format_tag_file
+from .data.concepts import file_text, load_concepts, sample_requests
 from .data.dataset import Dataset, build_dataset
 from .data.images import parse_color
-from .data.pipeline import AugmentOptions, Batch, BatchBuilder, LatentCache, TextCache, cache_latents
+from .data.pipeline import CACHE_DIR, AugmentOptions, Batch, BatchBuilder, LatentCache, TextCache, cache_latents
 from .errors import UserError
-from .fileio import atomic_write_text, atomic_write_with, clean_stale_temporaries
+from .fileio import TMP_PREFIX, atomic_write_text, atomic_write_with, clean_stale_temporaries
 from .logs import MetricsLog, TensorBoardLog, write_charts
 from .model import ModelBundle, SamplePrompt, TrainingSetup, dtype_of, eval_mode
 from .networks.algorithms import NetworkSettings
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    phase: str  # scanning, caching, training, sampling, saving, paused, done
+    phase: str  # scanning, generating (class images), caching, training, sampling, saving, paused, done
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
@@ -63,6 +64,8 @@ class Progress:
     peak_memory_gb: float | None = None
     message: str = ""
     total_samples: int = 0  # preview images the configured intervals will render
+    class_images_done: int = 0  # generating: class images saved so far
+    class_images_total: int = 0  # generating: class images this run makes
 
 
 @dataclass
@@ -187,6 +190,9 @@ class Trainer:
         self.network: LoraNetwork | None = None
         try:
             self._prepare_model()
+            self._generate_class_images()
+            if self.stopped:
+                return self._result(None, Position())
             self._build_network()
             self._check_disk_space()
             self._cache_latents()
@@ -215,17 +221,50 @@ class Trainer:
 
     # -- dataset / plan ----------------------------------------------------------------------------------------
     def _build_dataset(self) -> Dataset:
+        """Scan the folders and concepts, and plan the class images they still lack (`self.class_jobs`)."""
         c = self.cfg
         planner = BucketPlanner(c.resolution_wh, c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso,
                                 c.bucket_reso_steps, c.bucket_no_upscale)
-        ds = build_dataset(c.train_data_dir, c.reg_data_dir, planner, c.caption_extension)
+        if not hasattr(self, "concepts"):
+            self.concepts = load_concepts(c.concepts_list) if c.concepts_list.strip() else []
+        ds = build_dataset(c.train_data_dir, c.reg_data_dir, planner, c.caption_extension, self.concepts,
+                           c.resolved_work_dir, c.num_class_images_per)
         rep = ds.report
         log.info("dataset: %d training image(s), %d regularisation image(s), %d bucket(s); %d skipped",
                  len(ds.train_items), len(ds.reg_items), len(ds.bucket_counts()), len(rep.skipped))
+        defaults = classimages.ClassSettings(c.class_negative_prompt, c.class_guidance_scale, c.class_infer_steps,
+                                             c.sample_sampler)
+        self.class_jobs = classimages.plan_class_images(ds, defaults, c.caption_extension)
+        if self.class_jobs:
+            log.info("class images: %d to generate in %s", sum(j.count for j in self.class_jobs),
+                     ", ".join(sorted({j.folder for j in self.class_jobs})))
         return ds
 
+    def _generate_class_images(self) -> None:
+        """Make the missing class images with the model (before the network is attached), then scan again."""
+        jobs = self.class_jobs
+        if not jobs:
+            return
+        total = sum(j.count for j in jobs)
+        self.planned_samples = self._planned_samples()  # so the progress bar's total is known from here on
+
+        def progress(done: int, n: int) -> None:
+            self._progress("generating", message=f"class images {done}/{n}", class_images_done=done,
+                           class_images_total=n)
+        with torch.no_grad():
+            made = classimages.generate(jobs, self.bundle, progress, self._should_stop)
+        if made < total:
+            self.stopped = True
+            log.warning("stopped while generating class images: %d of %d saved; the next run makes the rest",
+                        made, total)
+            return
+        log.info("class images: %d generated", made)
+        self.dataset = self._build_dataset()
+        self.plan = self._plan_steps()
+
     def _plan_steps(self) -> StepPlan:
-        c, ds = self.cfg, self.dataset
+        c = self.cfg
+        ds = classimages.with_planned(self.dataset, getattr(self, "class_jobs", []))
         return plan_steps(num_images=len(ds.train_items), num_train_images=ds.num_train_images,
                           num_reg_images=ds.num_reg_images, batches_per_epoch=ds.batches_per_epoch(c.train_batch_size),
                           batch_size=c.train_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps,
@@ -243,7 +282,7 @@ class Trainer:
         if not os.access(self.cfg.output_dir, os.W_OK):
             raise UserError(f"output_dir: {self.cfg.output_dir} is not writable; choose another folder")
         work = self.cfg.resolved_work_dir
-        for folder in (self.cfg.output_dir, work, os.path.join(work, "sample")):
+        for folder in (self.cfg.output_dir, work, os.path.join(work, "sample"), self.cfg.resolved_log_dir):
             clean_stale_temporaries(folder)
         recover_states(work)
         if self.cfg.overwrite or self.cfg.resume or self.cfg.save_json_only:
@@ -265,6 +304,7 @@ class Trainer:
         base = os.path.join(self.cfg.resolved_work_dir, self.cfg.output_name)
         cfgmod.save_json(self.cfg, base + "_config.json")
         info = {"plan": self.plan.as_dict(), "explain": self.plan.explain(),
+                "class_images_to_generate": sum(j.count for j in self.class_jobs),
                 "buckets": {f"{w}x{h}": n for (w, h), n in self.dataset.bucket_counts().items()},
                 "dataset": self.dataset.report.as_dict()}
         atomic_write_text(base + "_steps.json", json.dumps(info, indent=2) + "\n")
@@ -331,6 +371,9 @@ class Trainer:
         self.builder = BatchBuilder(self.dataset, self._caption_options(), aug, self.cache)
         if self.cache is None:
             return
+        if c.cache_latents_to_disk:  # latents being written when an earlier run was killed
+            for folder in sorted({os.path.join(os.path.dirname(it.path), CACHE_DIR) for it in self.dataset.items}):
+                clean_stale_temporaries(folder)
         self._progress("caching", message="caching latents")
         t = time.time()
         encoded, reused = cache_latents(self.dataset, self.bundle.encode_images, self.cache, aug,
@@ -418,7 +461,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def _train_loop(self, pos: Position) -> Position:
         c, plan = self.cfg, self.plan
-        self._pending: list[tuple[Position, torch.Tensor]] = []
+        self._pending: list[tuple[Position, torch.Tensor, torch.Tensor]] = []  # (position, loss, prior part)
         self._last_flush = (time.time(), pos.step)
         for epoch in range(pos.epoch, plan.epochs):
             batches = self.dataset.epoch_batches(epoch, c.train_batch_size, self.seed)
@@ -455,12 +498,15 @@ class Trainer:
     def _try_step(self, group: list[list[int]], epoch: int) -> torch.Tensor:
         micro = [part for b in group for part in memory.split_batch(b, self.split)]
         total = torch.zeros((), device=self.device)
+        prior = torch.zeros((), device=self.device)
         for indices in micro:
             batch = self.builder.build(indices, self.py_rng, epoch + 1)
             with self.bundle.autocast(self.cfg.mixed_precision):
                 loss = self._loss(batch) / len(micro)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
+            prior += self._batch_prior / len(micro)
+        self._step_prior = prior
         self._apply_gradients(total)
         return total
 
@@ -535,14 +581,20 @@ class Trainer:
         else:
             cond = self.bundle.encode_prompts(batch.captions, batch.sizes)
         pred = self.bundle.predict(noisy.to(dtype_of(self.cfg.mixed_precision)), t, cond)
-        prior = torch.where(batch.is_reg.to(self.device), self.cfg.prior_loss_weight, 1.0)
+        is_reg = batch.is_reg.to(self.device)
+        prior = torch.where(is_reg, self.cfg.prior_loss_weight, 1.0)
         weights = losses.snr_weights(a, self.cfg.min_snr_gamma, self.v_pred) * prior
-        return losses.weighted_mse(pred, losses.target(latents, noise, a, self.v_pred), weights, batch.masks)
+        target = losses.target(latents, noise, a, self.v_pred)
+        self._batch_prior = torch.zeros((), device=self.device)
+        if bool(batch.is_reg.any()):  # the class images' share of this loss, for the log (a CPU flag: no sync)
+            with torch.no_grad():
+                self._batch_prior = losses.weighted_mse(pred.detach(), target, weights * is_reg, batch.masks)
+        return losses.weighted_mse(pred, target, weights, batch.masks)
 
     # -- per step / per epoch ----------------------------------------------------------------------------------
     def _after_step(self, pos: Position, loss: torch.Tensor) -> None:
         c = self.cfg
-        self._pending.append((pos, loss))
+        self._pending.append((pos, loss, self._step_prior))
         save = c.save_every_n_steps and pos.step % c.save_every_n_steps == 0 and pos.step < self.plan.total_steps
         sample = bool(c.sample_every_n_steps and pos.step % c.sample_every_n_steps == 0)
         sample = sample or (self.cb.sample_now is not None and self.cb.sample_now())
@@ -574,25 +626,27 @@ class Trainer:
     def _flush(self) -> None:
         if not self._pending:
             return
-        values = torch.stack([loss for _, loss in self._pending]).tolist()  # the one host sync
+        pairs = torch.stack([torch.stack([loss, prior]) for _, loss, prior in self._pending]).tolist()  # one sync
         now, (then, step_then) = time.time(), self._last_flush
         rate = (self._pending[-1][0].step - step_then) / max(now - then, 1e-9)
-        for (pos, _), value in zip(self._pending, values):
+        for (pos, _, _), (value, prior) in zip(self._pending, pairs):
             if math.isfinite(value):  # a non-finite step was skipped and counted when it happened
-                self._record(pos, value, rate)
+                self._record(pos, value, rate, prior)
         self._pending.clear()
         self._last_flush = (now, pos.step)
         if not self._warned_shared and (warning := memory.shared_memory_warning(self.device)):
             self._warned_shared = True
             log.warning("%s", warning)
 
-    def _record(self, pos: Position, loss: float, it_s: float) -> None:
+    def _record(self, pos: Position, loss: float, it_s: float, prior: float = 0.0) -> None:
         self.epoch_losses.setdefault(str(pos.epoch), []).append(loss)
         recent = [r["loss"] for r in (self.prior_metrics + self.metrics.records)[-99:]] + [loss]
         lrs = {f"lr_{n}": lr for n, lr in zip(self.group_names, self._lrs_at(pos.step))}
-        record = {"step": pos.step, "epoch": pos.epoch + 1, "loss": loss, "avg_loss": sum(recent) / len(recent),
-                  **lrs, "it_per_s": it_s, "peak_memory_gb": peak_memory_gb(self.device),
-                  "time": round(time.time() - self.t0, 3)}
+        # with class images: the loss = the training images' part + the prior-preservation part (x prior_loss_weight)
+        parts = {"loss/instance": loss - prior, "loss/prior": prior} if self.dataset.reg_items else {}
+        record = {"step": pos.step, "epoch": pos.epoch + 1, "loss": loss, **parts,
+                  "avg_loss": sum(recent) / len(recent), **lrs, "it_per_s": it_s,
+                  "peak_memory_gb": peak_memory_gb(self.device), "time": round(time.time() - self.t0, 3)}
         self.metrics.write(record)
         if self.tb is not None:
             self.tb.write(record)
@@ -677,8 +731,10 @@ class Trainer:
     def _remove_save(self, path: str) -> None:
         stem = os.path.splitext(os.path.basename(path))[0]
         for p in (path, os.path.join(self.cfg.resolved_work_dir, f"{stem}-state")):
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
+            if os.path.isdir(p):  # renamed first: a kill half-way leaves a temporary the next run removes
+                doomed = os.path.join(os.path.dirname(p), f"{TMP_PREFIX}removing-{os.path.basename(p)}")
+                os.replace(p, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
             elif os.path.exists(p):
                 os.remove(p)
             if p in self.files:
@@ -721,8 +777,25 @@ class Trainer:
         if not hasattr(self, "_prompts"):
             w, h = self.cfg.resolution_wh
             defaults = SamplePrompt("", width=w, height=h, sampler=self.cfg.sample_sampler)
-            self._prompts = load_prompts(self.cfg.sample_prompts, defaults, self.seed)
+            self._prompts = load_prompts(self.cfg.sample_prompts, defaults, self.seed) + self._concept_prompts()
         return self._prompts
+
+    def _concept_prompts(self) -> list[SamplePrompt]:
+        """Each concept's previews (save_sample_prompt/template, n_save_sample, seed, CFG, steps, negative)."""
+        out: list[SamplePrompt] = []
+        rng = random.Random(f"concept-samples-{self.seed}")
+        for c in getattr(self, "concepts", []):
+            instances = [(self._file_text(i.path), i.placement.bucket) for i in self.dataset.train_items
+                         if i.subset.concept is c]
+            for r in sample_requests(c, instances, self.cfg.resolution_wh, rng):
+                seed = r.seed if r.seed is not None else self.seed + 1000 * c.index + len(out)
+                out.append(SamplePrompt(r.prompt, r.negative_prompt, r.size[0], r.size[1], seed, r.steps,
+                                        r.cfg_scale, self.cfg.sample_sampler, r.name))
+        return out
+
+    def _file_text(self, path: str) -> str:
+        caption, caption_file = find_caption(path, self.cfg.caption_extension)
+        return file_text(path, caption if caption_file else None)
 
     def _maybe_sample_first(self, pos: Position) -> None:
         if self.cfg.sample_at_first and pos.step == 0:

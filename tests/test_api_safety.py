@@ -31,7 +31,7 @@ from .webui_double.host import webui, webui_host
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lora_trainer_tab.py")
 PATH_FIELDS = {"pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "network_weights",
-               "output_dir", "work_dir", "resume", "sample_prompts", "log_dir"}
+               "output_dir", "work_dir", "resume", "sample_prompts", "log_dir", "concepts_list"}
 
 
 def _real(*parts) -> str:
@@ -55,7 +55,7 @@ def test_every_path_option_is_marked_in_the_config():
     by_name = {f.name for f in cfgmod.fields() if f.base_type is str and f.name.endswith(("_dir", "_path", "weights"))}
     assert by_name <= marked
     assert set(presets.USER_PATHS) - {"output_name"} <= marked  # the options that describe the user's files
-    assert {f.path for f in cfgmod.fields()} == {"", "file", "dir", "model"}
+    assert {f.path for f in cfgmod.fields()} == {"", "file", "dir", "model", "file_or_json"}
 
 
 def test_paths_inside_the_webui_folders_pass_and_run_resolved(tmp_path):

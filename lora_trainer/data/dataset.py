@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .buckets import BucketPlanner, Placement, Size, UnplaceableImage
 from .captions import find_caption, tag_frequency
+from .concepts import Concept, file_text
 from .images import UnreadableImage, check_decodable, image_size, is_image_file
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class Subset:
     class_tokens: str
     is_reg: bool = False
     img_count: int = 0
+    concept: Concept | None = None  # captions follow the concept's prompts and [filewords] rules
+    class_per: int = 0  # (reg) class images wanted per training image; the missing ones are generated
+    source: Subset | None = None  # (reg) the training subset those are counted from; None = all training images
 
     @property
     def name(self) -> str:
@@ -107,7 +111,9 @@ def scan_subsets(root: str, is_reg: bool, report: ScanReport) -> list[Subset]:
 
 def scan_images(subset: Subset, planner: BucketPlanner, caption_extension: str,
                 report: ScanReport) -> list[ImageItem]:
-    items = []
+    items: list[ImageItem] = []
+    if subset.is_reg and subset.class_per and not os.path.isdir(subset.image_dir):
+        return items  # a class folder whose images are still to be generated
     names = sorted(os.listdir(subset.image_dir))
     for name in names:
         path = os.path.join(subset.image_dir, name)
@@ -149,6 +155,10 @@ def _note_upscale(report: ScanReport, path: str, w: int, h: int, placement: Plac
 
 def _caption_for(path: str, subset: Subset, caption_extension: str, report: ScanReport) -> str:
     caption, caption_file = find_caption(path, caption_extension)
+    if subset.concept is not None:
+        if caption_file is not None and not caption:
+            report.empty_captions.append(caption_file)
+        return subset.concept.caption(file_text(path, caption_file and caption), subset.is_reg)
     if caption_file is not None and not caption:
         report.empty_captions.append(caption_file)
         log.warning("caption file %s is empty; the image is trained with the folder's class tokens %r",
@@ -255,24 +265,47 @@ class Dataset:
                 if s.is_reg == reg}
 
 
-def build_dataset(train_data_dir: str, reg_data_dir: str, planner: BucketPlanner,
-                  caption_extension: str) -> Dataset:
+def concept_subsets(concepts: list[Concept], class_root: str) -> list[Subset]:
+    """A training subset per concept, plus its class subset when it wants prior preservation
+    (`num_class_images_per` > 0; an empty class_data_dir becomes `<class_root>/classifiers_<n>`)."""
+    out = []
+    for c in concepts:
+        tokens = c.class_token or c.instance_token
+        train = Subset(c.instance_data_dir, c.num_repeats, tokens, concept=c)
+        out.append(train)
+        if c.num_class_images_per > 0:
+            folder = c.class_data_dir or os.path.join(class_root, f"classifiers_{c.index}")
+            out.append(Subset(folder, 1, c.class_token, True, concept=c, class_per=c.num_class_images_per,
+                              source=train))
+    return out
+
+
+def build_dataset(train_data_dir: str, reg_data_dir: str, planner: BucketPlanner, caption_extension: str,
+                  concepts: list[Concept] | None = None, class_root: str = "", class_per: int = 0) -> Dataset:
+    """kohya folders and/or concepts; `class_per` > 0 asks that many class images per training image of each
+    reg_data_dir folder (generated later where missing)."""
     report = ScanReport()
+    if not train_data_dir and not concepts:
+        raise UserError("train_data_dir or concepts_list: neither is set; point train_data_dir at the folder that "
+                        "holds your '10_name' image folders, or give a Dreambooth concepts list (a .json file or "
+                        "the JSON array)")
     subsets = scan_subsets(train_data_dir, False, report)
-    if not subsets:
-        raise UserError("train_data_dir is empty: point it at the folder that holds your '10_name' image folders")
-    subsets += scan_subsets(reg_data_dir, True, report)
+    subsets += concept_subsets(concepts or [], class_root)
+    for s in scan_subsets(reg_data_dir, True, report):
+        s.class_per = class_per
+        subsets.append(s)
     items: list[ImageItem] = []
     for s in subsets:
         found = scan_images(s, planner, caption_extension, report)
-        if not found:
+        if not found and not s.class_per:
             log.warning("%s holds no usable image", s.image_dir)
         items.extend(found)
     train = [i for i in items if not i.is_reg]
     if not train:
-        raise UserError(f"train_data_dir: no usable image in {train_data_dir} "
+        where = train_data_dir or ", ".join(s.image_dir for s in subsets if not s.is_reg)
+        raise UserError(f"{'train_data_dir' if train_data_dir else 'concepts_list'}: no usable image in {where} "
                         f"({len(report.skipped)} skipped as unreadable or too small); "
-                        f"add .png/.jpg/.webp images to its 'N_name' folders")
+                        f"add .png/.jpg/.webp images to its folders")
     balance_reg(train, [i for i in items if i.is_reg])
     report.log_summary()
     return Dataset(items, subsets, report, planner)

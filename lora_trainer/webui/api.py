@@ -11,7 +11,9 @@ Allowed folders: every path option of a request (the fields marked `path` in `co
 `os.path.realpath`, so `..` and symlinks cannot lead out, and must lie under the WebUI's data or model folders
 (`host.webui_folders()`) or a folder listed in the `lora_trainer_allowed_dirs` setting. A relative path is taken
 from the WebUI's data folder (output_dir: from the Lora folder, as in the tab) and the run gets the resolved
-absolute path, so what was checked is what is used. The tab is the local user's and is not restricted.
+absolute path, so what was checked is what is used. concepts_list (a file, or pasted JSON): the file and every
+folder its concepts name (instance/class folders, sample templates) must lie there too; generated class images are
+written into those folders. The tab is the local user's and is not restricted.
 
 fastapi is imported where the routes are built, so that the checks below work (and are tested) without it.
 """
@@ -26,6 +28,7 @@ from typing import Any, Optional
 from .. import config as cfgmod
 from .. import presets
 from ..config import TrainConfig
+from ..data import concepts
 from ..errors import ConfigError, UserError
 from . import ALLOWED_DIRS_KEY, ALLOWED_DIRS_LABEL, host
 from .job import MANAGER, BusyError
@@ -147,15 +150,31 @@ def confine_paths(cfg: TrainConfig) -> TrainConfig:
             continue
         if "\0" in value:  # realpath would raise
             raise RequestError(422, "invalid options", [f"{spec.name}: {value!r} contains a NUL character"])
+        if spec.path == "file_or_json" and value.lstrip().startswith(("[", "{")):  # inline JSON: its folders
+            problems.extend(_outside(roots, concepts.referenced_paths(value)))
+            continue
         resolved = os.path.realpath(os.path.join(_relative_base(spec.name), value))
         if not any(is_under(resolved, root) for root in roots):
-            problems.append(f"{spec.name}: {value!r} resolves to {resolved}, outside the folders the API may use; "
-                            f"add its folder to Settings > Train LoRA > '{ALLOWED_DIRS_LABEL}' ({ALLOWED_DIRS_KEY})")
+            problems.extend(_outside(roots, [(spec.name, resolved)], value))
         elif spec.path != "model" and not (spec.name == "output_dir" and not os.path.isabs(value)):
             changes[spec.name] = resolved
+        if spec.path == "file_or_json" and not problems:  # the folders the file names
+            problems.extend(_outside(roots, concepts.referenced_paths(resolved)[1:]))
     if problems:
         raise RequestError(403, f"paths outside the allowed folders ({', '.join(roots)})", problems)
     return cfg.replace(**changes) if changes else cfg
+
+
+def _outside(roots: list[str], paths: list[tuple[str, str]], value: Optional[str] = None) -> list[str]:
+    """A problem for each (label, path) outside the roots."""
+    out = []
+    for label, path in paths:
+        resolved = os.path.realpath(path)
+        if not any(is_under(resolved, root) for root in roots):
+            shown = f"{value!r} resolves to {resolved}" if value is not None else f"{resolved}"
+            out.append(f"{label}: {shown}, outside the folders the API may use; add its folder to Settings > "
+                       f"Train LoRA > '{ALLOWED_DIRS_LABEL}' ({ALLOWED_DIRS_KEY})")
+    return out
 
 
 def config_from_body(raw: bytes) -> TrainConfig:

@@ -103,6 +103,7 @@ class TrainingJob:
         self.effective_cfg: TrainConfig | None = None  # the config as it runs in the WebUI (folders, precision)
         self.abort_reason: str | None = None
         self._renders = 0  # preview images rendered so far (each is a unit of the WebUI's progress bar)
+        self._class_images = 0  # class images this run generates (units of the bar before the training steps)
         self.log_file: str | None = None
 
     # -- the thread --------------------------------------------------------------------------------------------
@@ -177,11 +178,17 @@ class TrainingJob:
     def _on_progress(self, p: Progress) -> None:
         """Training progress updates every number; other phases (caching, sampling, saving) only say what they do."""
         state = host.state()
-        if p.phase in ("training", "paused"):
-            # the bar's units: a training step, a preview image (the WebUI counts those itself), and the two
-            # renders of the end-of-run check; so it only ever moves forward and reaches 100% at the very end
-            state.job_count = max(p.total_steps + p.total_samples, p.step + self._renders) + 2
-            state.job_no = p.step + self._renders
+        if p.phase == "generating":  # the plan already counts the class images, so the total stays the same
+            self._class_images = p.class_images_total
+            state.job_count = p.total_steps + p.total_samples + p.class_images_total + 2
+            state.job_no = p.class_images_done
+        elif p.phase in ("training", "paused"):
+            # the bar's units: a generated class image, a training step, a preview image (the WebUI counts those
+            # itself), and the two renders of the end-of-run check; so it only ever moves forward and reaches 100%
+            # at the very end
+            done = p.step + self._renders + self._class_images
+            state.job_count = max(p.total_steps + p.total_samples + self._class_images, done) + 2
+            state.job_no = done
             self._set(step=p.step, total_steps=p.total_steps, epoch=p.epoch, total_epochs=p.total_epochs,
                       loss=p.loss, avg_loss=p.avg_loss, lr=p.lr, it_per_s=p.it_per_s, eta_s=p.eta_s,
                       vram_gb=p.peak_memory_gb)
@@ -287,7 +294,8 @@ def _status_parts(s: JobStatus, with_eta: bool = True) -> list[str]:
 
 def status_text(s: JobStatus) -> str:
     """One plain line (the WebUI's progress bar puts it in textContent and adds its own ETA)."""
-    return " · ".join([s.phase or s.state, *_status_parts(s, with_eta=False)])
+    head = f"{s.phase}: {s.message}" if s.phase == "generating" and s.message else s.phase or s.state
+    return " · ".join([head, *_status_parts(s, with_eta=False)])
 
 
 def status_html(s: JobStatus) -> str:

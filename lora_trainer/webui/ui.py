@@ -255,14 +255,18 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
     wizard_btn.click(on_wizard, inputs, [*inputs, wizard_html])
 
     def on_load(path, *args):
+        from .. import kohya_config  # our JSON, a kohya_ss GUI JSON or an sd-scripts TOML
+
         try:
             current = lenient_config(values_of(args))
-            cfg = cfgmod.load_json(path, base=current)
+            loaded = kohya_config.load(path, base=current)
         except UserError as e:
             return [gr.update() for _ in names] + [_error_html(e)]
+        cfg = loaded.config
         vis = visibility(cfg, None)
+        notes = "".join(f"<br>not carried over: {html.escape(str(u))}" for u in loaded.unsupported)
         return [gr.update(value=display_value(cfgmod.field_spec(n), getattr(cfg, n)), visible=vis[n])
-                for n in names] + [f"loaded {html.escape(path)}"]
+                for n in names] + [f"loaded {html.escape(path)} ({html.escape(loaded.format)}){notes}"]
 
     load_btn.click(on_load, [params_path, *inputs], [*inputs, status])
 
