@@ -67,6 +67,12 @@ class _StopFlag:
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
 
+    @classmethod
+    def installed(cls) -> _StopFlag:
+        flag = cls()
+        flag.install()
+        return flag
+
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
@@ -108,39 +114,80 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .backends.diffusers_backend import load_bundle
-    from .train import TrainCallbacks, preflight, resolve_device
+    from .train import preflight
 
-    cfg = build_config(args.config, args.preset, overrides_from(args))
-    preflight(cfg)  # a wrong folder is reported before a checkpoint takes a minute to load
-    device = resolve_device(cfg.device)
-    bundle = load_bundle(cfg.pretrained_model_name_or_path, family=cfg.model_family,
-                         v_parameterization=cfg.v_parameterization, vae=cfg.vae, device=device)
-    return _run(cfg, bundle, args.json, TrainCallbacks)
+    configs = [build_config(path, args.preset, overrides_from(args)) for path in (args.config or [None])]
+    if len(configs) == 1:
+        preflight(configs[0])  # a wrong folder is reported before a checkpoint takes a minute to load
+        summary = _run(configs[0], _Bundles().get(configs[0]), _StopFlag.installed(), args.json)
+        if args.json:
+            sys.stdout.write(json.dumps(summary) + "\n")
+        return 0
+    return _run_queue(configs, args.json)
 
 
-def _run(cfg, bundle, as_json: bool, callbacks_cls) -> int:
+def _run_queue(configs: list[cfgmod.TrainConfig], as_json: bool) -> int:
+    from .runqueue import RunQueue, plan
+    from .train import preflight
+
+    runs = plan(configs)
+    for i, cfg in enumerate(runs, 1):  # every dataset and output folder checked before the first run
+        try:
+            preflight(cfg)
+        except UserError as e:
+            raise UserError(f"queue run {i} ({cfg.output_name}): {e}; nothing was trained") from None
+    queue, bundles, stop, summaries = RunQueue(runs), _Bundles(), _StopFlag.installed(), []
+
+    def one(cfg: cfgmod.TrainConfig) -> str:
+        summaries.append(_run(cfg, bundles.get(cfg), stop, as_json))
+        return "cancelled" if summaries[-1]["stopped"] else "finished"
+
+    ok = queue.run(one, should_stop=lambda: stop.requested)
+    for e in queue.entries:
+        log.info("queue run %d %s: %s%s", e.position, e.output_name, e.state, f" ({e.message})" if e.message else "")
+    if as_json:
+        sys.stdout.write(json.dumps({"queue": queue.as_list(), "runs": summaries}) + "\n")
+    return 0 if ok or stop.requested else 2
+
+
+class _Bundles:
+    """The model of the last run, reused by the next one when it names the same checkpoint, VAE and device."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.bundle = None
+
+    def get(self, cfg: cfgmod.TrainConfig):
+        from .backends.diffusers_backend import load_bundle
+        from .train import resolve_device
+
+        key = (cfg.pretrained_model_name_or_path, cfg.model_family, cfg.v_parameterization, cfg.vae, cfg.device)
+        if key != self.key:
+            self.bundle = None  # free the last model before loading the next
+            self.bundle = load_bundle(cfg.pretrained_model_name_or_path, family=cfg.model_family,
+                                      v_parameterization=cfg.v_parameterization, vae=cfg.vae,
+                                      device=resolve_device(cfg.device))
+            self.key = key
+        return self.bundle
+
+
+def _run(cfg, bundle, stop: _StopFlag, as_json: bool) -> dict:
     from .logs import run_log, run_log_path
-    from .train import train
+    from .train import TrainCallbacks, train
 
-    stop = _StopFlag()
-    stop.install()
-    cb = callbacks_cls(on_progress=None if as_json else ProgressPrinter(), should_stop=lambda: stop.requested)
+    cb = TrainCallbacks(on_progress=None if as_json else ProgressPrinter(), should_stop=lambda: stop.requested)
     global LOG_FILE
     LOG_FILE = run_log_path(cfg.resolved_log_dir, cfg.output_name)
     with run_log(LOG_FILE):
         result = train(cfg, bundle, cb)
-    summary = {"output_dir": result.output_dir, "final_file": result.final_file, "files": result.files,
-               "samples": result.samples, "charts": result.charts, "steps": result.steps, "epochs": result.epochs,
-               "first_epoch_loss": result.first_epoch_loss, "last_epoch_loss": result.last_epoch_loss,
-               "peak_memory_gb": round(result.peak_memory_gb, 3), "seconds": round(result.seconds, 1),
-               "stopped": result.stopped, "skipped_steps": result.skipped_steps,
-               "steps_explained": result.plan.explain(), "dataset": result.dataset_summary}
-    if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
-    else:
+    if not as_json:
         log.info("done: %s", result.final_file or "nothing saved")
-    return 0
+    return {"output_dir": result.output_dir, "final_file": result.final_file, "files": result.files,
+            "samples": result.samples, "charts": result.charts, "steps": result.steps, "epochs": result.epochs,
+            "first_epoch_loss": result.first_epoch_loss, "last_epoch_loss": result.last_epoch_loss,
+            "peak_memory_gb": round(result.peak_memory_gb, 3), "seconds": round(result.seconds, 1),
+            "stopped": result.stopped, "skipped_steps": result.skipped_steps,
+            "steps_explained": result.plan.explain(), "dataset": result.dataset_summary}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -292,8 +339,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a network")
-    p_train.add_argument("--config", help="config file: our JSON (see 'options'), a kohya_ss GUI JSON or an "
-                                          "sd-scripts TOML")
+    p_train.add_argument("--config", action="append", help="config file: our JSON (see 'options'), a kohya_ss GUI "
+                                                            "JSON or an sd-scripts TOML; give it several times to "
+                                                            "queue runs (see --multi_run_folder)")
     p_train.add_argument("--preset", choices=list(presets.PRESETS), help="start from a preset")
     p_train.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
     _add_config_flags(p_train)

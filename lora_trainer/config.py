@@ -249,6 +249,9 @@ class TrainConfig:
     work_dir: str = opt("", "Folder for samples, logs, training states and the saved config. Empty = output_dir.",
                         "saving", path="dir")
     output_name: str = opt("my_lora", "File name of the trained network (no extension).", "saving")
+    multi_run_folder: str = opt("", "With several configs queued: each run writes into its own run1, run2, ... "
+                                    "folder under this one (its output_dir and work_dir). Empty = each config's "
+                                    "own output_dir.", "saving", path="dir")
     save_model_as: str = opt("safetensors", "File format.", "saving", choices=("safetensors", "ckpt", "pt"))
     save_precision: str = opt("fp16", "Precision of the saved weights.", "saving", choices=("float", "fp16", "bf16"))
     save_every_n_epochs: int | None = opt(None, "Also save every N epochs (name-000001...).", "saving", min=1,

@@ -31,7 +31,8 @@ from .webui_double.host import webui, webui_host
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lora_trainer_tab.py")
 PATH_FIELDS = {"pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "network_weights",
-               "output_dir", "work_dir", "resume", "sample_prompts", "log_dir", "concepts_list"}
+               "output_dir", "work_dir", "resume", "sample_prompts", "log_dir", "concepts_list",
+               "multi_run_folder"}
 
 
 def _real(*parts) -> str:
@@ -178,12 +179,13 @@ def _routes(app) -> list[tuple[str, str]]:
 
 
 def _call(client, path: str, method: str, auth=None):
-    content = b"{" if path.endswith("/train") else None  # never start a run here: a broken body answers 422
+    starts = path.endswith(("/train", "/queue"))
+    content = b"{" if starts else None  # never start a run here: a broken body answers 422
     return client.request(method, path, content=content, auth=auth)
 
 
 def _normal(path: str) -> int:
-    return 422 if path.endswith("/train") else 200
+    return 422 if path.endswith(("/train", "/queue")) else 200
 
 
 def test_every_route_refuses_missing_and_wrong_credentials_and_accepts_each_user(tmp_path, api):

@@ -74,8 +74,9 @@ def check_auth(username: Optional[str], password: Optional[str]) -> bool:
 # The request body
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of options in a request body, or RequestError(422) saying where it is broken."""
+def parse_body(raw: bytes, arrays: bool = False) -> Any:
+    """The JSON object of options in a request body (or, with `arrays`, a JSON array of such objects: a queue), or
+    RequestError(422) saying where it is broken."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -87,8 +88,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise RequestError(422, f"the body is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}",
                            [f"body: line {e.lineno}, column {e.colno}: {e.msg}"]) from None
+    if arrays and isinstance(body, list) and body and all(isinstance(x, dict) for x in body):
+        return body
     if not isinstance(body, dict):
-        raise RequestError(422, f"the body must be a JSON object of options, not {_json_type(body)}")
+        what = "a JSON object of options" + (" or an array of them (a queue)" if arrays else "")
+        raise RequestError(422, f"the body must be {what}, not {_json_type(body)}")
     return body
 
 
@@ -179,7 +183,24 @@ def _outside(roots: list[str], paths: list[tuple[str, str]], value: Optional[str
 
 def config_from_body(raw: bytes) -> TrainConfig:
     """Body -> validated config with its paths confined; RequestError for anything the API refuses."""
-    body = parse_body(raw)
+    return _config_from_dict(parse_body(raw))
+
+
+def configs_from_body(raw: bytes) -> list[TrainConfig]:
+    """A JSON object (one run) or an array of them (a queue) -> validated configs with their paths confined."""
+    body = parse_body(raw, arrays=True)
+    if isinstance(body, dict):
+        return [_config_from_dict(body)]
+    configs = []
+    for i, item in enumerate(body, 1):
+        try:
+            configs.append(_config_from_dict(item))
+        except RequestError as e:
+            raise RequestError(e.status, f"queue run {i}: {e}", [f"run {i}: {p}" for p in e.problems]) from None
+    return configs
+
+
+def _config_from_dict(body: dict[str, Any]) -> TrainConfig:
     try:
         cfg = cfgmod.from_dict(body, base=None)
     except ConfigError as e:
@@ -225,8 +246,11 @@ def register_routes(app: Any) -> None:
 
     async def train(request: Request):
         try:
-            cfg = config_from_body(await request.body())
-            job = MANAGER.start(cfg)
+            configs = configs_from_body(await request.body())
+            if len(configs) > 1:  # a queue: answered at once, its runs show in /status's "queue"
+                queue = MANAGER.start_queue(configs)
+                return {"queue": queue.as_list(), "state": "running"}
+            job = MANAGER.start(configs[0])
         except RequestError as e:
             return error_response(e.status, str(e), e.problems)
         except BusyError as e:
@@ -236,6 +260,22 @@ def register_routes(app: Any) -> None:
         except UserError as e:
             return error_response(400, str(e))
         return {"id_task": job.status.id_task, "state": job.status.state}
+
+    async def queue(request: Request):
+        """Add runs behind the running ones (or start a queue when nothing runs)."""
+        try:
+            configs = configs_from_body(await request.body())
+            for cfg in configs:
+                current = MANAGER.enqueue(cfg)
+        except RequestError as e:
+            return error_response(e.status, str(e), e.problems)
+        except BusyError as e:
+            return error_response(409, str(e))
+        except ConfigError as e:
+            return error_response(422, "invalid options", e.problems)
+        except UserError as e:
+            return error_response(400, str(e))
+        return {"queue": current.as_list()}
 
     def status():
         return MANAGER.status()
@@ -263,8 +303,8 @@ def register_routes(app: Any) -> None:
         return [{"name": p.name, "title": p.title, "description": p.description, "values": p.values,
                  "fields": list(p.fields)} for p in presets.PRESETS.values()]
 
-    routes = [("/train", train, ["POST"]), ("/status", status, ["GET"]), ("/cancel", cancel, ["POST"]),
-              ("/pause", pause, ["POST"]), ("/resume", resume, ["POST"]), ("/sample", sample, ["POST"]),
-              ("/options", options, ["GET"]), ("/presets", preset_list, ["GET"])]
+    routes = [("/train", train, ["POST"]), ("/queue", queue, ["POST"]), ("/status", status, ["GET"]),
+              ("/cancel", cancel, ["POST"]), ("/pause", pause, ["POST"]), ("/resume", resume, ["POST"]),
+              ("/sample", sample, ["POST"]), ("/options", options, ["GET"]), ("/presets", preset_list, ["GET"])]
     for path, fn, methods in routes:
         app.add_api_route(PREFIX + path, fn, methods=methods, dependencies=deps)

@@ -19,10 +19,12 @@ import numpy as np
 from PIL import Image
 
 from .. import config as cfgmod
+from .. import runqueue
 from ..config import TrainConfig
 from ..errors import UserError
 from ..logs import run_log, run_log_path
 from ..model import SamplePrompt
+from ..runqueue import RunQueue
 from ..samples import load_prompts
 from ..train import Progress, TrainCallbacks, train
 from . import guard, host
@@ -308,31 +310,80 @@ def status_html(s: JobStatus) -> str:
 
 
 class JobManager:
-    """The one training run the WebUI process can have at a time."""
+    """The one training run the WebUI process can have at a time, and the queue of runs waiting behind it."""
 
     def __init__(self) -> None:
         self.job: TrainingJob | None = None
+        self.queue: RunQueue | None = None
+        self._queue_thread: threading.Thread | None = None
+        self._queue_stop = False
         self._lock = threading.Lock()
 
     def busy(self) -> bool:
-        return self.job is not None and self.job.status.state in ("running", "paused")
+        queue_running = self._queue_thread is not None and self._queue_thread.is_alive()
+        return queue_running or (self.job is not None and self.job.status.state in ("running", "paused"))
 
     def start(self, cfg: TrainConfig, id_task: str = "") -> TrainingJob:
         cfg = cfgmod.validate(cfg)
         with self._lock:
             if self.busy():
                 raise BusyError("a training run is already in progress; stop it first or wait for it to finish")
-            progress = host.mod("progress")
-            id_task = id_task or progress.create_task_id("train-lora")
-            progress.add_task_to_queue(id_task)
-            self.job = TrainingJob(cfg, id_task)
-            self.job.thread.start()
-            return self.job
+            self.queue = None
+            return self._start_job(cfg, id_task)
+
+    def _start_job(self, cfg: TrainConfig, id_task: str = "") -> TrainingJob:
+        progress = host.mod("progress")
+        id_task = id_task or progress.create_task_id("train-lora")
+        progress.add_task_to_queue(id_task)
+        self.job = TrainingJob(cfg, id_task)
+        self.job.thread.start()
+        return self.job
+
+    # -- the queue ---------------------------------------------------------------------------------------------
+    def start_queue(self, configs: list[TrainConfig]) -> RunQueue:
+        """Run `configs` one after another (each checked, and duplicate output names refused, before the first)."""
+        runs = runqueue.plan([cfgmod.validate(c) for c in configs])
+        with self._lock:
+            if self.busy():
+                raise BusyError("a training run is already in progress; add to its queue or wait for it to finish")
+            self.queue, self._queue_stop = RunQueue(runs), False
+            self._queue_thread = threading.Thread(target=self._run_queue, args=(self.queue,),
+                                                  name="lora-trainer-queue", daemon=True)
+            self._queue_thread.start()
+            return self.queue
+
+    def enqueue(self, cfg: TrainConfig) -> RunQueue:
+        """Add a run behind the running queue, or start a queue of one when nothing runs."""
+        cfg = cfgmod.validate(cfg)
+        with self._lock:
+            queue = self.queue
+            if queue is not None and self._queue_thread is not None and self._queue_thread.is_alive():
+                folder = next((c.multi_run_folder for c in queue.runs if c.multi_run_folder), "")
+                planned = runqueue.plan([*queue.runs, cfg], folder)
+                queue.add(planned[-1])
+                return queue
+            if self.busy():
+                raise BusyError("a single run (not a queue) is in progress; wait for it to finish")
+        return self.start_queue([cfg])
+
+    def _run_queue(self, queue: RunQueue) -> None:
+        def one(cfg: TrainConfig) -> str:
+            with self._lock:
+                job = self._start_job(cfg)
+            job.thread.join()
+            if job.status.state == "failed":
+                raise UserError(job.status.error)
+            return job.status.state
+
+        queue.run(one, should_stop=lambda: self._queue_stop)
 
     def status(self) -> dict[str, Any]:
-        return self.job.status.as_dict() if self.job else JobStatus().as_dict()
+        out = self.job.status.as_dict() if self.job else JobStatus().as_dict()
+        out["queue"] = self.queue.as_list() if self.queue is not None else []
+        return out
 
     def stop(self) -> None:
+        self._queue_stop = True
         if self.job is not None:
             self.job.stop_requested = True
 

@@ -167,6 +167,7 @@ def build_tab():
                     comps[spec.name] = _component(gr, spec, getattr(base, spec.name), shown[spec.name])
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id=f"{TAB_ID}_train")
+            queue_btn = gr.Button("Add to queue", elem_id=f"{TAB_ID}_queue")
             # "_interrupt": the WebUI's Esc shortcut clicks the current tab's interrupt button while it is shown
             stop_btn = gr.Button("Cancel", elem_id=f"{TAB_ID}_interrupt")
             pause_btn = gr.Button("Pause / Resume", elem_id=f"{TAB_ID}_pause")
@@ -184,8 +185,8 @@ def build_tab():
                                       elem_id=f"{TAB_ID}_vram_chart", interactive=False)
         refresh_btn = gr.Button("Refresh", elem_id=f"{TAB_ID}_refresh", visible=False)
         _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn,
-              save_btn, train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery,
-              [chart, vram_chart], refresh_btn)
+              save_btn, (train_btn, queue_btn), stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt,
+              status, gallery, [chart, vram_chart], refresh_btn)
     tab.lora_trainer_components = comps  # for tests and for A1111's ui-config defaults
     return tab
 
@@ -205,7 +206,7 @@ def _component(gr, spec: cfgmod.FieldSpec, value: Any, visible: bool):
 
 
 def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html, params_path, load_btn, save_btn,
-          train_btn, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery, charts,
+          train_buttons, stop_btn, pause_btn, sample_btn, send_btn, task_id, lora_prompt, status, gallery, charts,
           refresh_btn) -> None:
     names = list(comps)
     inputs = [comps[n] for n in names]
@@ -289,7 +290,16 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
             return _error_html(e)
         return status_html(job.status)
 
+    def on_queue(*args):
+        try:
+            MANAGER.enqueue(config_from_values(values_of(args)))
+        except UserError as e:
+            return _error_html(e)
+        return _refresh()[0]
+
+    train_btn, queue_btn = train_buttons
     train_btn.click(on_train, [task_id, *inputs], [status], _js="lora_trainer_start")
+    queue_btn.click(on_queue, inputs, [status])
     stop_btn.click(lambda: _when_running(MANAGER.stop, "cancelling after the current step; what was trained is "
                                                        "saved"), [], [status])
     pause_btn.click(_toggle_pause, [], [status])
@@ -339,11 +349,21 @@ def _refresh() -> tuple:
     """(status HTML, samples, loss chart, VRAM chart, prompt for txt2img) of the current or last run."""
     job = MANAGER.job
     if job is None:
-        return "", [], None, None, ""
+        return queue_html(MANAGER.queue), [], None, None, ""
     cfg = job.effective_cfg or job.cfg
     charts = [os.path.join(cfg.resolved_log_dir, f"{cfg.output_name}_{kind}.png") for kind in ("loss", "memory")]
     samples = [p for p in job.status.samples if os.path.isfile(p)][-8:]
-    return (status_html(job.status), samples, *[c if os.path.isfile(c) else None for c in charts], _lora_prompt())
+    return (status_html(job.status) + queue_html(MANAGER.queue), samples,
+            *[c if os.path.isfile(c) else None for c in charts], _lora_prompt())
+
+
+def queue_html(queue) -> str:
+    """The queue under the status: one line per run with its state."""
+    if queue is None or len(queue.entries) < 2 and not any(e.state == "queued" for e in queue.entries):
+        return ""
+    rows = "".join(f"<li>{e.position}. {html.escape(e.output_name)}: {e.state}"
+                   f"{' - ' + html.escape(e.message) if e.message else ''}</li>" for e in queue.entries)
+    return f"<div class='lora-trainer-queue'><b>Queue</b><ol>{rows}</ol></div>"
 
 
 def _lora_prompt() -> str:
