@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any, Optional
 
 from .. import config as cfgmod
@@ -223,6 +224,20 @@ def error_response(status: int, message: str, problems: Optional[list[str]] = No
     return JSONResponse(status_code=status, content=body)
 
 
+def answer(action: Callable[[], dict[str, Any]]) -> Any:
+    """The action's result, or the 4xx answer for what the user got wrong (409 busy, 422 invalid, 400 other)."""
+    try:
+        return action()
+    except RequestError as e:
+        return error_response(e.status, str(e), e.problems)
+    except BusyError as e:
+        return error_response(409, str(e))
+    except ConfigError as e:
+        return error_response(422, "invalid options", e.problems)
+    except UserError as e:
+        return error_response(400, str(e))
+
+
 def options_schema() -> list[dict[str, Any]]:
     return [{"name": f.name, "type": getattr(f.base_type, "__name__", str(f.base_type)), "optional": f.optional,
              "default": f.default, "help": f.help, "group": f.group, "choices": f.choices, "min": f.min,
@@ -245,37 +260,26 @@ def register_routes(app: Any) -> None:
     deps = [Depends(auth)]
 
     async def train(request: Request):
-        try:
-            configs = configs_from_body(await request.body())
+        raw = await request.body()
+
+        def start() -> dict[str, Any]:
+            configs = configs_from_body(raw)
             if len(configs) > 1:  # a queue: answered at once, its runs show in /status's "queue"
-                queue = MANAGER.start_queue(configs)
-                return {"queue": queue.as_list(), "state": "running"}
+                return {"queue": MANAGER.start_queue(configs).as_list(), "state": "running"}
             job = MANAGER.start(configs[0])
-        except RequestError as e:
-            return error_response(e.status, str(e), e.problems)
-        except BusyError as e:
-            return error_response(409, str(e))
-        except ConfigError as e:
-            return error_response(422, "invalid options", e.problems)
-        except UserError as e:
-            return error_response(400, str(e))
-        return {"id_task": job.status.id_task, "state": job.status.state}
+            return {"id_task": job.status.id_task, "state": job.status.state}
+        return answer(start)
 
     async def queue(request: Request):
         """Add runs behind the running ones (or start a queue when nothing runs)."""
-        try:
-            configs = configs_from_body(await request.body())
-            for cfg in configs:
+        raw = await request.body()
+
+        def add() -> dict[str, Any]:
+            current = None
+            for cfg in configs_from_body(raw):
                 current = MANAGER.enqueue(cfg)
-        except RequestError as e:
-            return error_response(e.status, str(e), e.problems)
-        except BusyError as e:
-            return error_response(409, str(e))
-        except ConfigError as e:
-            return error_response(422, "invalid options", e.problems)
-        except UserError as e:
-            return error_response(400, str(e))
-        return {"queue": current.as_list()}
+            return {"queue": current.as_list() if current is not None else []}
+        return answer(add)
 
     def status():
         return MANAGER.status()
