@@ -53,6 +53,7 @@ def server(tmp_path_factory):
     python = os.environ.get("SD_WEBUI_PYTHON") or os.path.join(WEBUI, "venv", "bin", "python")
     args = os.environ.get("SD_WEBUI_ARGS", "--skip-prepare-environment --use-cpu all --no-half").split()
     log = open(tmp_path_factory.mktemp("webui") / "webui.log", "w")  # noqa: SIM115 - closed below
+    args += ["--ui-settings-file", _settings_allowing(tmp_path_factory)]
     proc = subprocess.Popen([python, "launch.py", *args, "--api", "--port", str(port)], cwd=WEBUI, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -63,6 +64,20 @@ def server(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
         log.close()
+
+
+def _settings_allowing(tmp_path_factory) -> str:
+    """The WebUI's settings (a copy, the user's file untouched) with this session's temporary folder added to the
+    folders the extension's HTTP API may use, as a user does in Settings > Train LoRA."""
+    own = os.path.join(WEBUI, "config.json")
+    settings = {}
+    if os.path.isfile(own):
+        with open(own, encoding="utf-8") as f:
+            settings = json.load(f)
+    settings["lora_trainer_allowed_dirs"] = str(tmp_path_factory.getbasetemp())
+    path = tmp_path_factory.mktemp("settings") / "config.json"
+    path.write_text(json.dumps(settings), encoding="utf-8")
+    return str(path)
 
 
 def _wait_ready(base: str, proc) -> None:
@@ -95,6 +110,10 @@ def test_train_through_the_api_and_use_the_result(server, tmp_path):
     body = {"train_data_dir": data, "output_dir": "", "output_name": name, "resolution": "64",
             "min_bucket_reso": 64, "max_bucket_reso": 128, "max_train_steps": 3, "network_dim": 4,
             "network_alpha": 4, "learning_rate": 1e-2, "seed": 1, "sample_prompts": str(prompts)}
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a folder outside the allowed ones
+        _call(server, "/lora-trainer/v1/train", {**body, "train_data_dir": "/etc"})
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 403 and any(p.startswith("train_data_dir") for p in answer["problems"]), answer
     started = _call(server, "/lora-trainer/v1/train", body)
     assert started["id_task"]
     deadline = time.time() + 1800
