@@ -23,10 +23,7 @@ function lora_trainer_start() {
         function() {
             lora_trainer_show_interrupt(false);
             lora_trainer_refresh();
-            ["txt2img", "img2img"].forEach(function(tab) {
-                var btn = gradioApp().getElementById(tab + "_lora_extra_refresh_internal");
-                if (btn) btn.dispatchEvent(new Event("click"));
-            });
+            lora_trainer_refresh_lora_lists();
         },
         function(progress) {
             var now = Date.now();
@@ -39,6 +36,40 @@ function lora_trainer_start() {
     var res = Array.from(arguments);
     res[0] = id;
     return res;
+}
+
+function lora_trainer_refresh_lora_lists() {
+    ["txt2img", "img2img"].forEach(function(tab) {
+        var btn = gradioApp().getElementById(tab + "_lora_extra_refresh_internal");
+        if (btn) btn.dispatchEvent(new Event("click"));
+    });
+}
+
+function lora_trainer_follow_queue() {
+    // queued runs get their task ids in the server's queue thread, so the page cannot follow them through the
+    // WebUI's progress API: it refreshes the status every 3 s until nothing is running or queued any more
+    // (and gives up after 30 s if nothing ever ran, e.g. when the run was refused)
+    if (window.lora_trainer_queue_timer) clearInterval(window.lora_trainer_queue_timer);
+    var seenBusy = false, idlePolls = 0;
+    lora_trainer_show_interrupt(true);
+    window.lora_trainer_queue_timer = setInterval(function() {
+        lora_trainer_refresh();
+        var status = gradioApp().getElementById("lora_trainer_status");
+        var busy = /\b(running|queued|paused)\b/.test(status ? status.textContent : "");
+        if (busy) {
+            seenBusy = true;
+            idlePolls = 0;
+            return;
+        }
+        idlePolls += 1;
+        if (seenBusy || idlePolls >= 10) {
+            clearInterval(window.lora_trainer_queue_timer);
+            window.lora_trainer_queue_timer = null;
+            lora_trainer_show_interrupt(false);
+            lora_trainer_refresh_lora_lists();
+        }
+    }, 3000);
+    return Array.from(arguments);
 }
 
 function lora_trainer_send_to_txt2img(text) {

@@ -130,7 +130,7 @@ def _run_queue(configs: list[cfgmod.TrainConfig], as_json: bool) -> int:
     from .runqueue import RunQueue, plan
     from .train import preflight
 
-    runs = plan(configs)
+    runs = plan(configs, refusal="the queue cannot start (nothing was trained)")
     for i, cfg in enumerate(runs, 1):  # every dataset and output folder checked before the first run
         try:
             preflight(cfg)

@@ -22,7 +22,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
-def plan(configs: Sequence[TrainConfig], multi_run_folder: str = "") -> list[TrainConfig]:
+def plan(configs: Sequence[TrainConfig], multi_run_folder: str = "",
+         refusal: str = "the queue cannot start") -> list[TrainConfig]:
     """The configs as they will run: validated, each in `multi_run_folder/run{N}` when that is set (the argument,
     else the first config that sets one); refuses duplicate output names before anything runs."""
     if not configs:
@@ -34,11 +35,11 @@ def plan(configs: Sequence[TrainConfig], multi_run_folder: str = "") -> list[Tra
             run_dir = os.path.join(folder, f"run{i}")
             cfg = cfg.replace(output_dir=run_dir, work_dir="", log_dir="", multi_run_folder=folder)
         runs.append(cfgmod.validate(cfg))
-    check_duplicates(runs)
+    check_duplicates(runs, refusal)
     return runs
 
 
-def check_duplicates(runs: Sequence[TrainConfig]) -> None:
+def check_duplicates(runs: Sequence[TrainConfig], refusal: str = "the queue cannot start") -> None:
     """Two runs with one output name would overwrite each other's files, or (in their own run folders) give two
     LoRAs the WebUI's Lora list cannot tell apart; names are compared ignoring case, as that list and many disks do."""
     first: dict[str, int] = {}
@@ -49,8 +50,7 @@ def check_duplicates(runs: Sequence[TrainConfig]) -> None:
             problems.append(f"runs {first[key]} and {i} both have output_name {cfg.output_name!r}")
         first.setdefault(key, i)
     if problems:
-        raise UserError("the queue cannot start: " + "; ".join(problems) + ". Give each run its own output_name "
-                        "(nothing was trained)")
+        raise UserError(f"{refusal}: " + "; ".join(problems) + ". Give each run its own output_name")
 
 
 @dataclass

@@ -93,12 +93,17 @@ def test_a_queue_in_the_webui_runs_each_config_and_shows_in_the_status(tmp_path)
         while MANAGER.job is None or MANAGER.job.cfg.output_name != "q2" or MANAGER.job.status.step < 1:
             time.sleep(0.05)
         MANAGER.enqueue(_webui_config(tmp_path, "q3"))  # added while the queue runs
-        with pytest.raises(UserError, match="both have output_name"):
+        with pytest.raises(UserError, match="q3 was not added to the queue .the queued runs go on.: runs 3 and 4 "
+                                            "both have output_name 'q3'"):
             MANAGER.enqueue(_webui_config(tmp_path, "q3"))
         MANAGER.stop()  # cancels q2 (its steps so far are saved) and the rest of the queue
         _wait_queue(MANAGER)
         states = [(e["output_name"], e["state"]) for e in MANAGER.status()["queue"]]
         assert states == [("q1", "finished"), ("q2", "cancelled"), ("q3", "skipped")]
+        from lora_trainer.webui.ui import queue_html
+
+        shown = queue_html(MANAGER.queue)  # what the tab shows under the status
+        assert "1. q1: finished" in shown and "3. q3: skipped - the queue was cancelled" in shown
         assert os.path.isfile(os.path.join(host.lora_dir, "q1.safetensors"))
         assert not os.path.exists(os.path.join(host.lora_dir, "q3.safetensors"))
 

@@ -359,7 +359,8 @@ class JobManager:
             queue = self.queue
             if queue is not None and self._queue_thread is not None and self._queue_thread.is_alive():
                 folder = next((c.multi_run_folder for c in queue.runs if c.multi_run_folder), "")
-                planned = runqueue.plan([*queue.runs, cfg], folder)
+                planned = runqueue.plan([*queue.runs, cfg], folder,
+                                        refusal=f"{cfg.output_name} was not added to the queue (the queued runs go on)")
                 queue.add(planned[-1])
                 return queue
             if self.busy():

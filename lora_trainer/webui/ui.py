@@ -292,14 +292,15 @@ def _wire(gr, comps, preset, model_html, model_refresh, wizard_btn, wizard_html,
 
     def on_queue(*args):
         try:
-            MANAGER.enqueue(config_from_values(values_of(args)))
+            cfg = config_from_values(values_of(args))
+            queue = MANAGER.enqueue(cfg)
         except UserError as e:
             return _error_html(e)
-        return _refresh()[0]
+        return f"<p>added {html.escape(cfg.output_name)} to the queue</p>" + queue_html(queue)
 
     train_btn, queue_btn = train_buttons
     train_btn.click(on_train, [task_id, *inputs], [status], _js="lora_trainer_start")
-    queue_btn.click(on_queue, inputs, [status])
+    queue_btn.click(on_queue, inputs, [status], _js="lora_trainer_follow_queue")
     stop_btn.click(lambda: _when_running(MANAGER.stop, "cancelling after the current step; what was trained is "
                                                        "saved"), [], [status])
     pause_btn.click(_toggle_pause, [], [status])
@@ -358,12 +359,12 @@ def _refresh() -> tuple:
 
 
 def queue_html(queue) -> str:
-    """The queue under the status: one line per run with its state."""
-    if queue is None or len(queue.entries) < 2 and not any(e.state == "queued" for e in queue.entries):
+    """The queue under the status: one line per run with its state (and why, when it failed or was skipped)."""
+    if queue is None or not queue.entries:
         return ""
     rows = "".join(f"<li>{e.position}. {html.escape(e.output_name)}: {e.state}"
                    f"{' - ' + html.escape(e.message) if e.message else ''}</li>" for e in queue.entries)
-    return f"<div class='lora-trainer-queue'><b>Queue</b><ol>{rows}</ol></div>"
+    return f"<div class='lora-trainer-queue'><b>Queue</b><ul>{rows}</ul></div>"
 
 
 def _lora_prompt() -> str:
