@@ -320,8 +320,10 @@ class JobManager:
         self._lock = threading.Lock()
 
     def busy(self) -> bool:
-        queue_running = self._queue_thread is not None and self._queue_thread.is_alive()
-        return queue_running or (self.job is not None and self.job.status.state in ("running", "paused"))
+        return self._queue_running() or (self.job is not None and self.job.status.state in ("running", "paused"))
+
+    def _queue_running(self) -> bool:
+        return self._queue_thread is not None and self._queue_thread.is_alive()
 
     def start(self, cfg: TrainConfig, id_task: str = "") -> TrainingJob:
         cfg = cfgmod.validate(cfg)
@@ -357,9 +359,8 @@ class JobManager:
         cfg = cfgmod.validate(cfg)
         with self._lock:
             queue = self.queue
-            if queue is not None and self._queue_thread is not None and self._queue_thread.is_alive():
-                folder = next((c.multi_run_folder for c in queue.runs if c.multi_run_folder), "")
-                planned = runqueue.plan([*queue.runs, cfg], folder,
+            if queue is not None and self._queue_running():  # the queued runs carry its multi_run_folder
+                planned = runqueue.plan([*queue.runs, cfg],
                                         refusal=f"{cfg.output_name} was not added to the queue (the queued runs go on)")
                 queue.add(planned[-1])
                 return queue
