@@ -109,6 +109,43 @@ class Harness:
         self.t.bundle.restore()
 
 
+_NO_KERNEL = frozenset({"_unsafe_view", "empty", "empty_like", "empty_strided", "lift_fresh"})
+
+
+def _is_view(func: Any) -> bool:
+    """A view or alias of its input (view, t, transpose, detach...) or a bare allocation: no kernel runs for it."""
+    return func.overloadpacket.__name__ in _NO_KERNEL or \
+        any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+def count_step_ops(h: Harness) -> dict[str, Any]:
+    """The operators one training step dispatches (forward, backward, optimizer), views left out: on a GPU each
+    is at least one kernel launch, so this is the figure that says whether a step is launch-bound, and it is the
+    same on any machine. Reading a value back from the training device (`.item()`, `bool(t)`) is a host sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    device_type = h.device.type
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: dict[str, int] = {}
+            self.syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "_local_scalar_dense" and args[0].device.type == device_type:
+                self.syncs += 1
+            elif not _is_view(func):
+                self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        h.step()
+    top = sorted(counter.ops.items(), key=lambda kv: -kv[1])[:8]
+    return {"ops_per_step": sum(counter.ops.values()), "host_syncs_per_step": counter.syncs, "top_ops": dict(top)}
+
+
 def count_step_flops(h: Harness) -> float | None:
     try:
         from torch.utils.flop_counter import FlopCounterMode
@@ -178,6 +215,7 @@ def _measure(h: Harness, steps: int, warmup: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     peak_gb = peak_memory_gb(dev)  # of the training steps alone: sampling below reloads the offloaded parts
     flops = count_step_flops(h)
+    ops = count_step_ops(h)
     step_s = elapsed / steps
     extra = _time_sample_and_save(h)
     peak = peak_tflops(dev)
@@ -192,7 +230,7 @@ def _measure(h: Harness, steps: int, warmup: int) -> dict[str, Any]:
         "peak_memory_gb": peak_gb, "peak_memory_with_sampling_gb": peak_memory_gb(dev),
         "time_split_s": {**{k: v / steps for k, v in timers.seconds.items()}, **extra},
         "flops_per_step": flops, "tflops": achieved, "peak_tflops": peak,
-        "mfu": achieved / peak if achieved and peak else None,
+        "mfu": achieved / peak if achieved and peak else None, **ops,
     }
 
 

@@ -329,7 +329,8 @@ def _print_bench(report: dict) -> None:
         mfu += f" = {r['mfu'] * 100:.0f}% MFU" if r.get("mfu") else ""
         out.write(f"{name}: {r['device']} {r['family']} {r['resolution']}px batch {r['batch']} {r['algo']}: "
                   f"{r['images_per_s']:.2f} images/s, {r['it_per_s']:.2f} it/s, peak {r['peak_memory_gb']:.2f} GB"
-                  f"{mfu}\n  {split}\n")
+                  f"{mfu}\n  {split}\n  {r['ops_per_step']} operators per step (kernel launches on a GPU), "
+                  f"{r['host_syncs_per_step']} host sync(s)\n")
     if "baseline" in report:
         out.write(f"{report['change']}: speed x{report['speed_ratio']:.2f}, memory x{report['memory_ratio']:.2f}\n")
 

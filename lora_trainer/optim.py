@@ -29,6 +29,7 @@ class OptimizerSpec:
     package: str = ""  # pip package when not in torch
     recommended_lr: float | None = None  # adaptive optimizers want 1.0
     memory_per_param: int = 8  # bytes of optimizer state per fp32 parameter (for the wizard)
+    fusable: bool = False  # torch's own, with a fused (single multi-tensor kernel) implementation
 
 
 def _import(module: str, attr: str, package: str) -> Callable[[], type]:
@@ -105,7 +106,7 @@ class Adafactor(torch.optim.Optimizer):
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
-    OptimizerSpec("AdamW", lambda: torch.optim.AdamW, {"weight_decay": 0.01}),
+    OptimizerSpec("AdamW", lambda: torch.optim.AdamW, {"weight_decay": 0.01}, fusable=True),
     OptimizerSpec("AdamW8bit", _import("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"), {"weight_decay": 0.01},
                   "bitsandbytes", memory_per_param=2),
     OptimizerSpec("Lion", lambda: Lion, {}, memory_per_param=4),
@@ -142,10 +143,23 @@ def build_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.O
                             f"{', '.join(n for n in accepted if n not in ('self', 'params'))}")
     kwargs = {**spec.defaults, **user}
     groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups]
+    if spec.fusable and not {"fused", "foreach"} & set(user) and _fused_supported(groups):
+        kwargs["fused"] = True
     try:
         return cls(groups, lr=groups[0]["lr"], **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"optimizer_args for {cfg.optimizer_type}: {e}") from None
+
+
+def _fused_supported(groups: list[dict]) -> bool:
+    """torch's fused optimizer kernels take every parameter's update in a few launches (foreach: one per chunk of
+    tensors and operation; the CPU default: several per parameter plus a host read of its step count)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda"}
+    return all(p.device.type in devices and p.is_floating_point() for g in groups for p in g["params"])
 
 
 # ------------------------------------------------------------------------------------------------------------

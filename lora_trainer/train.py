@@ -586,7 +586,7 @@ class Trainer:
         weights = losses.snr_weights(a, self.cfg.min_snr_gamma, self.v_pred) * prior
         target = losses.target(latents, noise, a, self.v_pred)
         self._batch_prior = torch.zeros((), device=self.device)
-        if bool(batch.is_reg.any()):  # the class images' share of this loss, for the log (a CPU flag: no sync)
+        if batch.has_reg:  # the class images' share of this loss, for the log
             with torch.no_grad():
                 self._batch_prior = losses.weighted_mse(pred.detach(), target, weights * is_reg, batch.masks)
         return losses.weighted_mse(pred, target, weights, batch.masks)

@@ -110,6 +110,24 @@ def test_bench_json_smoke_on_the_cpu():
     assert r["images_per_s"] > 0 and r["it_per_s"] > 0 and r["peak_memory_gb"] > 0
     assert set(r["time_split_s"]) == {"data", "forward", "backward", "optimizer", "sampling", "saving"}
     assert r["flops_per_step"] > 0 and r["tflops"] > 0 and r["mfu"] is None  # no peak figure for a CPU
+    # the loop reads one flag back from the device per step (loss and gradients finite), nothing else
+    assert r["host_syncs_per_step"] == 1
+    assert r["ops_per_step"] > sum(r["top_ops"].values()) > 0 and "mm" in r["top_ops"]
+
+
+def test_adamw_takes_the_fused_kernels_where_torch_has_them():
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.optim import _fused_supported, build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(4, 4))]
+    fused = build_optimizer(TrainConfig(optimizer_type="AdamW"), [{"params": params, "lr": 1e-3}])
+    assert fused.defaults["fused"] is (True if _fused_supported([{"params": params}]) else None)
+    chosen = build_optimizer(TrainConfig(optimizer_type="AdamW", optimizer_args=["foreach=False"]),
+                             [{"params": params, "lr": 1e-3}])
+    assert not chosen.defaults["fused"] and chosen.defaults["foreach"] is False  # the user's choice stands
+    params[0].grad = torch.ones(4, 4)
+    fused.step()
+    assert torch.allclose(params[0], torch.full((4, 4), -1e-3), atol=1e-6)  # Adam's first step: -lr * sign
 
 
 def test_bench_compare_reports_ratios():

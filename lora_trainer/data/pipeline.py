@@ -247,6 +247,11 @@ class Batch:
     indices: list[int] | None = None  # dataset items, for the text-encoder cache
     masks: torch.Tensor | None = None  # B x H x W loss masks in [0, 1] with alpha_mask
 
+    @property
+    def has_reg(self) -> bool:
+        """Whether any sample is a class image: read from the CPU flags' memory, no operator dispatched."""
+        return bool(self.is_reg.numpy().any())
+
 
 class BatchBuilder:
     def __init__(self, dataset: Dataset, caption_opts: CaptionOptions, aug: AugmentOptions,

@@ -98,7 +98,7 @@ def _rank_mask(m: nn.Module, h: Tensor) -> Tensor:
     return h * keep.view(shape)
 
 
-def delta_locon(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+def delta_locon(m: nn.Module, layer: nn.Module, x: Tensor) -> tuple[Tensor, float | Tensor]:
     down = m.lora_down.weight.to(x.dtype)
     up = m.lora_up.weight.to(x.dtype)
     if isinstance(layer, nn.Conv2d):
@@ -109,7 +109,7 @@ def delta_locon(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
         h = _rank_mask(m, h)
     y = F.conv2d(h, up) if isinstance(layer, nn.Conv2d) else F.linear(h, up.reshape(up.shape[0], -1))
     y = m.dropout(y) if isinstance(m.dropout, nn.Module) else y
-    return y * _output_scale(m, y.dtype)
+    return y, _output_scale(m, y.dtype)
 
 
 def _output_scale(m: nn.Module, dtype: torch.dtype) -> float | Tensor:
@@ -140,12 +140,12 @@ def weight_lokr(m: nn.Module, shape: torch.Size) -> Tensor:
 
 
 def _weight_delta(weight_fn: Callable[[nn.Module, torch.Size], Tensor]):
-    def delta(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+    def delta(m: nn.Module, layer: nn.Module, x: Tensor) -> tuple[Tensor, float]:
         w = weight_fn(m, layer.weight.shape)
         if m.rank_dropout and m.training:
             keep = (torch.rand(w.shape[0], device=w.device) > m.rank_dropout).to(w.dtype)
             w = w * keep.view(-1, *([1] * (w.dim() - 1)))
-        return _apply(layer, x, (w * (m.multiplier * m.scalar)).to(x.dtype))
+        return _apply(layer, x, (w * (m.multiplier * m.scalar)).to(x.dtype)), 1.0
     return delta
 
 
@@ -160,7 +160,7 @@ def _dylora_factors(m: nn.Module) -> tuple[Tensor, Tensor]:
     return torch.cat(downs), torch.cat(ups, dim=1)
 
 
-def delta_dylora(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
+def delta_dylora(m: nn.Module, layer: nn.Module, x: Tensor) -> tuple[Tensor, float]:
     """DyLoRA: each training forward uses a random leading block of ranks; the scale is alpha/dim, which is what
     loaders apply at every truncation (A1111's `dyn`), so each truncated rank is itself a valid LoRA."""
     down, up = (t.to(x.dtype) for t in _dylora_factors(m))
@@ -169,7 +169,7 @@ def delta_dylora(m: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
         y = F.conv2d(h, up[:, :, None, None])
     else:
         y = F.linear(F.linear(x, down), up)
-    return y * (m.scale * m.multiplier)
+    return y, m.scale * m.multiplier
 
 
 def weight_dylora(m: nn.Module, shape: torch.Size) -> Tensor:
@@ -251,7 +251,8 @@ class Algorithm:
     build: Callable[[Target, NetworkSettings], nn.Module]
     export: Callable[[nn.Module], dict[str, Tensor]]
     load: Callable[[nn.Module, dict[str, Tensor]], None]
-    delta: Callable[[nn.Module, nn.Module, Tensor], Tensor] | None = None  # additive algorithms
+    # additive algorithms: what a module adds to its layer's output, as (output, factor to scale it by)
+    delta: Callable[[nn.Module, nn.Module, Tensor], tuple[Tensor, float | Tensor]] | None = None
     weight: Callable[[nn.Module, torch.Size], Tensor] | None = None  # weight delta (fused attention projections)
     output: Callable | None = None  # algorithms that change the layer's output in another way (IA3)
     kohya_module: str = "lycoris.kohya"  # ss_network_module

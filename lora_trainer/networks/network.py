@@ -183,7 +183,11 @@ def _additive_forward(delta, mod: nn.Module, layer: nn.Module, org_forward):
         out = org_forward(x, *args, **kwargs)
         if _skip(mod):
             return out
-        return out + delta(mod, layer, x).to(out.dtype)
+        y, factor = delta(mod, layer, x)
+        y = y.to(out.dtype)
+        if isinstance(factor, Tensor):  # a trained LyCORIS scalar
+            return out + y * factor
+        return torch.add(out, y, alpha=factor)  # scale and sum in one kernel
     return forward
 
 
