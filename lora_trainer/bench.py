@@ -241,8 +241,6 @@ def _time_sample_and_save(h: Harness) -> dict[str, float]:
     w, hh = h.cfg.resolution_wh
     t = time.perf_counter()
     with torch.no_grad(), eval_mode(h.t.network):
-        for part in h.t._offloaded():
-            h.t.bundle.reload(part)
         h.t.bundle.sample([SamplePrompt("a photo", width=w, height=hh, seed=0, steps=4)])
     sample_s = time.perf_counter() - t
     t = time.perf_counter()

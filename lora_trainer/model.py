@@ -89,7 +89,8 @@ class ModelBundle(Protocol):
         """The UNet's prediction (noise or v)."""
 
     def sample(self, prompts: list[SamplePrompt]) -> list[Image.Image]:
-        """Render preview images with the network as currently attached."""
+        """Render preview images with the network as currently attached; parts moved away with `offload` are
+        brought back for the render and moved away again."""
 
     def autocast(self, mixed_precision: str) -> contextlib.AbstractContextManager: ...
 
@@ -97,7 +98,7 @@ class ModelBundle(Protocol):
         """Move "vae" or "text_encoders" off the training device (their outputs are cached)."""
 
     def reload(self, part: str) -> None:
-        """Bring an offloaded part back (for samples)."""
+        """Bring an offloaded part back (at the end of a run)."""
 
 
 def autocast_context(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:

@@ -809,14 +809,12 @@ class Trainer:
         self._progress("sampling", step=pos.step, message=f"rendering {len(prompts)} sample(s)")
         folder = os.path.join(self.cfg.resolved_work_dir, "sample")
         rng_state = torch.get_rng_state()
-        for part in self._offloaded():
-            self.bundle.reload(part)
-        try:
+        try:  # the bundle brings offloaded parts back for the render itself (one at a time where it can)
             with torch.no_grad(), eval_mode(self.network):
                 images = self.bundle.sample(prompts)
         finally:
             torch.set_rng_state(rng_state)
-            self._offload_cached_parts()
+            memory.free(self.device)
         paths = []
         for p, img in zip(prompts, images):
             path = os.path.join(folder, f"{self.cfg.output_name}_{tag}_{p.name}_{p.seed}.png")

@@ -155,3 +155,61 @@ def test_shared_memory_spill_is_detected(monkeypatch):
     assert warning and "9.5 GB on a 8.0 GB card" in warning
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 7.0 * 2**30)
     assert memory.shared_memory_warning(torch.device("cuda")) is None
+
+
+def test_previews_bring_offloaded_parts_back_one_at_a_time(monkeypatch):
+    """With the text encoders and the VAE moved off the GPU (low-VRAM), a preview lends each back alone: encoders
+    for the conditioning, then the UNet denoises with both away, then the VAE decodes (in tiles); the image is the
+    one rendered with everything in place."""
+    from lora_trainer.model import SamplePrompt
+
+    bundle = tiny_bundle()
+    prompt = SamplePrompt("a red square", width=64, height=64, seed=3, steps=2)
+    with torch.no_grad():
+        expected = bundle.sample([prompt])[0]
+    events: list[str] = []
+    parts = {"te": bundle.c.text_encoders[0], "unet": bundle.c.unet, "vae": bundle.c.vae}
+    for name, module in parts.items():
+        runner = module.decoder if name == "vae" else module  # the VAE decodes through its decoder
+        runner.register_forward_pre_hook(lambda *_, name=name: events.append(f"{name} runs"))
+        if name != "unet":
+            monkeypatch.setattr(module, "to", lambda *a, name=name, m=module, **k: (
+                events.append(f"{name} {'away' if str(a[0]) == 'cpu' else 'back'}"), nn_to(m, *a, **k))[1])
+    bundle.device = torch.device("cpu:0")  # stands for the GPU: moves "back" name it, moves "away" say "cpu"
+    bundle.offload("text_encoders")
+    bundle.offload("vae")
+    events.clear()
+    with torch.no_grad():
+        image = bundle.sample([prompt])[0]
+    runs = [e for e in events if e.endswith("runs")]
+    assert events[0] == "te back" and events[events.index("te away") - 1] == "te runs"
+    first_unet, last_unet = runs.index("unet runs"), len(runs) - 1 - runs[::-1].index("unet runs")
+    assert set(runs[:first_unet]) == {"te runs"} and set(runs[first_unet:last_unet + 1]) == {"unet runs"}
+    assert events.index("te away") < events.index("unet runs") < events.index("vae back")
+    assert events[-2:] == ["vae runs", "vae away"]
+    assert bundle._away == {"text_encoders", "vae"}  # still away for training
+    assert list(image.getdata()) == list(expected.getdata())
+
+
+def nn_to(module, *args, **kwargs):
+    return torch.nn.Module.to(module, *args, **kwargs)
+
+
+def test_a_vae_that_was_away_decodes_large_previews_in_tiles(monkeypatch):
+    from lora_trainer.backends import diffusers_backend
+    from lora_trainer.model import SamplePrompt
+
+    monkeypatch.setattr(diffusers_backend, "PREVIEW_TILE", 32)
+    bundle = tiny_bundle()
+    vae = bundle.c.vae
+    calls = []
+    monkeypatch.setattr(vae, "tiled_decode", lambda *a, _orig=vae.tiled_decode, **k: (calls.append(1),
+                                                                                    _orig(*a, **k))[1])
+    prompt = SamplePrompt("a red square", width=64, height=64, seed=3, steps=2)
+    with torch.no_grad():
+        whole = bundle.sample([prompt])[0]
+        assert not calls
+        bundle.offload("vae")
+        tiled = bundle.sample([prompt])[0]
+    assert calls and vae.use_tiling is False and vae.tile_sample_min_size == 64  # its settings put back
+    assert tiled.size == whole.size and list(tiled.getdata()) != list(whole.getdata())

@@ -369,3 +369,29 @@ def test_gradient_checkpointing_on_the_webui_unet_trains_the_same(tmp_path):
     a, b = results[False], results[True]
     assert any(v.abs().sum() > 0 for k, v in b.items() if k.endswith("lora_up.weight"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_previews_bring_the_cached_parts_back_and_training_goes_on_without_them(tmp_path, monkeypatch, family):
+    """With latents and text-encoder outputs cached, the VAE and text encoders leave the GPU while training; the
+    WebUI's pipeline renders previews with every part in place, then they leave again; the model ends as it was."""
+    from lora_trainer.webui.bundle import WebUIBundle
+    from lora_trainer.webui.job import MANAGER
+
+    away_in_steps, away_in_renders = [], []
+    predict, render = WebUIBundle.predict, WebUIBundle._render
+    monkeypatch.setattr(WebUIBundle, "predict", lambda self, *a: (away_in_steps.append(set(self._offloaded)),
+                                                                  predict(self, *a))[1])
+    monkeypatch.setattr(WebUIBundle, "_render", lambda self, *a: (away_in_renders.append(set(self._offloaded)),
+                                                                  render(self, *a))[1])
+    with webui(family, str(tmp_path)) as host:
+        snap = _snapshot(host.model)
+        allowed = host.shared.parallel_processing_allowed
+        status = _wait(MANAGER.start(_config(tmp_path, cache_latents=True, cache_text_encoder_outputs=True,
+                                             offload_vae=True, network_train_unet_only=True)))
+        assert status.state == "finished", status.error
+        assert len(status.samples) == 2 and all(os.path.isfile(p) for p in status.samples)
+        assert away_in_steps and all(a == {"vae", "text_encoders"} for a in away_in_steps)
+        assert away_in_renders and all(a == set() for a in away_in_renders)
+        _assert_same(snap, _snapshot(host.model))
+        assert host.shared.parallel_processing_allowed == allowed

@@ -8,15 +8,18 @@ clip_skip); SDXL uses the penultimate layer of both encoders plus the pooled pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .. import memory
 from ..errors import UserError
 from ..model import SamplePrompt, SizeInfo, TrainingSetup, autocast_context
 from ..networks.naming import UNetNames, kohya_key, te_path, te_prefixes
@@ -27,6 +30,7 @@ from .sd_configs import TINY
 log = logging.getLogger(__name__)
 
 CHUNK = 75
+PREVIEW_TILE = 512  # px: a VAE that was moved off the GPU decodes previews in tiles of this size
 
 
 def load_components(name_or_path: str, family: str = "auto", prediction_type: str | None = None,
@@ -90,6 +94,7 @@ class DiffusersBundle:
         self._checkpointed: list[nn.Module] = []
         self._compiled: Any = None  # torch.compile'd UNet while training with torch_compile
         self._channels_last = False
+        self._away: set[str] = set()  # parts moved off the training device (their outputs are cached)
 
     # -- network trees -----------------------------------------------------------------------------------------
     def network_trees(self) -> list[PartTree]:
@@ -134,10 +139,27 @@ class DiffusersBundle:
     def offload(self, part: str) -> None:
         for m in self._parts(part):
             m.to("cpu")
+        self._away.add(part)
 
     def reload(self, part: str) -> None:
         for m in self._parts(part):
             m.to(self.device)
+        self._away.discard(part)
+
+    @contextlib.contextmanager
+    def _lent(self, part: str) -> Iterator[None]:
+        """An offloaded part on the training device for one stage of a preview, then off it again."""
+        if part not in self._away:
+            yield
+            return
+        for m in self._parts(part):
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in self._parts(part):
+                m.to("cpu")
+            memory.free(self.device)
 
     def _vae_dtype(self, setup: TrainingSetup) -> torch.dtype:
         # The SDXL VAE overflows in fp16 (NaN latents); every VAE is fine in fp32 or bf16.
@@ -182,6 +204,7 @@ class DiffusersBundle:
                 q.requires_grad_(saved["flags"].get(n, q.requires_grad))
             module.train(saved["training"])
         self._saved.clear()
+        self._away.clear()
         self._compiled = None
         if self._channels_last:
             self.c.unet.to(memory_format=torch.contiguous_format)
@@ -283,21 +306,30 @@ class DiffusersBundle:
     # -- samples -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[SamplePrompt]) -> list[Image.Image]:
-        return [self._sample_one(p) for p in prompts]
+        """Previews in three stages, so that the parts moved off the GPU for training (low-VRAM settings) come back
+        one at a time beside the UNet: every prompt's conditioning with the text encoders, then denoising, then
+        decoding with the VAE (in tiles when it was away)."""
+        with self._lent("text_encoders"):
+            conds = [self._conditioning(p) for p in prompts]
+        latents = [self._denoise(p, cond) for p, cond in zip(prompts, conds)]
+        with self._lent("vae"), _tiled(self.c.vae, "vae" in self._away):
+            return [_to_image(self.decode_latents(x)) for x in latents]
 
-    def _sample_one(self, p: SamplePrompt) -> Image.Image:
+    def _conditioning(self, p: SamplePrompt) -> dict[str, Tensor]:
+        size = _size_of(p)
+        both = self.encode_prompts([p.negative_prompt, p.prompt], [size, size])  # one batch: equal chunk counts
+        if self.family == "sdxl" and not p.negative_prompt:  # SDXL and the WebUI zero an empty negative prompt
+            both["context"][0].zero_()
+            both["text_embeds"][0].zero_()
+        return both
+
+    def _denoise(self, p: SamplePrompt, both: dict[str, Tensor]) -> Tensor:
         from .sampling import make_scheduler
 
         gen = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else 0)
         sched = make_scheduler(p.sampler, self.c.schedule, self.prediction_type)
         sched.set_timesteps(p.steps, device=self.device)
-        w, h = p.width // 8 * 8, p.height // 8 * 8
-        size = SizeInfo((h, w), (0, 0), (h, w))
-        both = self.encode_prompts([p.negative_prompt, p.prompt], [size, size])  # one batch: equal chunk counts
-        if self.family == "sdxl" and not p.negative_prompt:  # SDXL and the WebUI zero an empty negative prompt
-            both["context"][0].zero_()
-            both["text_embeds"][0].zero_()
-        channels = self.c.unet.config.in_channels
+        (h, w), channels = _size_of(p).target_hw, self.c.unet.config.in_channels
         latents = torch.randn((1, channels, h // 8, w // 8), generator=gen).to(self.device) * sched.init_noise_sigma
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([latents] * 2), t)
@@ -305,13 +337,41 @@ class DiffusersBundle:
                 pred = self.predict(inp.to(self.weight_dtype), t.expand(2).to(self.device), both).float()
             pu, pc = pred.chunk(2)
             latents = sched.step(pu + p.cfg_scale * (pc - pu), t, latents, generator=gen).prev_sample
-        pixels = self.decode_latents(latents)[0].clamp(-1, 1)
-        arr = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(arr)
+        return latents
 
     @property
     def _amp(self) -> str:
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.weight_dtype, "no")
+
+
+def _size_of(p: SamplePrompt) -> SizeInfo:
+    w, h = p.width // 8 * 8, p.height // 8 * 8
+    return SizeInfo((h, w), (0, 0), (h, w))
+
+
+def _to_image(pixels: Tensor) -> Image.Image:
+    arr = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+@contextlib.contextmanager
+def _tiled(vae: nn.Module, on: bool) -> Iterator[None]:
+    """diffusers' tiled VAE decoding with PREVIEW_TILE tiles (its own default tile is the VAE's training size,
+    1024 px for SDXL, which would never tile a 1024 px preview); the VAE's settings are put back afterwards."""
+    names = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size")
+    saved = {n: getattr(vae, n, None) for n in names}
+    if not on or not all(isinstance(v, int) for v in saved.values()):
+        yield
+        return
+    tile = min(saved["tile_sample_min_size"], PREVIEW_TILE)
+    vae.use_tiling = True
+    vae.tile_latent_min_size = tile * saved["tile_latent_min_size"] // saved["tile_sample_min_size"]
+    vae.tile_sample_min_size = tile
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(vae, n, v)
 
 
 def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,6 +205,9 @@ def cache_latents(dataset: Dataset, encode: Callable[[torch.Tensor], torch.Tenso
 # Batches
 
 
+_PLAIN = "conditioning"  # TextCache's key for a conditioning that is a plain tensor
+
+
 class TextCache:
     """Text-encoder outputs per item, for runs whose captions never change (the text encoders can then leave the
     GPU). Items whose captions need fewer 75-token chunks than others in a batch are padded with the encoding of an
@@ -212,24 +216,32 @@ class TextCache:
     def __init__(self) -> None:
         self.per_item: dict[int, dict[str, torch.Tensor]] = {}
         self.empty: dict[str, torch.Tensor] = {}
+        self.plain = False  # the bundle's conditioning is one tensor (the WebUI's SD1/SD2), not a dict
 
     @torch.no_grad()
-    def fill(self, dataset: Dataset, encode: Callable[[list[str], list[SizeInfo]], dict[str, torch.Tensor]],
+    def fill(self, dataset: Dataset, encode: Callable[[list[str], list[SizeInfo]], Any],
              caption_opts: CaptionOptions) -> None:
         rng = random.Random(0)  # captions are fixed here (validated); process_caption still wants a generator
-        self.empty = {k: v[0].cpu() for k, v in encode([""], [size_info(dataset.items[0])]).items()}
+        empty = encode([""], [size_info(dataset.items[0])])
+        self.plain = isinstance(empty, torch.Tensor)
+        self.empty = self._first(empty)
         for i, item in enumerate(dataset.items):  # one at a time keeps each caption's own chunk count
             caption = process_caption(item.caption, caption_opts, rng, 1)
-            self.per_item[i] = {k: v[0].cpu() for k, v in encode([caption], [size_info(item)]).items()}
+            self.per_item[i] = self._first(encode([caption], [size_info(item)]))
 
-    def batch(self, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    def _first(self, cond: Any) -> dict[str, torch.Tensor]:
+        """The first (only) row of a batch's conditioning, on the CPU, as a dict."""
+        return {k: v[0].cpu() for k, v in ({_PLAIN: cond} if self.plain else cond).items()}
+
+    def batch(self, indices: list[int], device: torch.device) -> Any:
+        """The conditioning of these items, in the shape the bundle's `encode_prompts` gives it."""
         conds = [self.per_item[i] for i in indices]
         out = {}
         for key in conds[0]:
             longest = max(c[key].shape[0] for c in conds) if conds[0][key].dim() > 1 else None
             parts = [c[key] if longest is None else self._pad(key, c[key], longest) for c in conds]
             out[key] = torch.stack(parts).to(device)
-        return out
+        return out[_PLAIN] if self.plain else out
 
     def _pad(self, key: str, value: torch.Tensor, length: int) -> torch.Tensor:
         while value.shape[0] < length:

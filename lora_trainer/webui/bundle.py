@@ -220,12 +220,26 @@ class WebUIBundle:
                          ) -> list[tuple[Image.Image, str]]:
         """Rendered images with their infotext; stops early (fewer images) when the user interrupts."""
         out = []
-        for p in prompts:
-            rendered = self._render(p, extra_networks)
-            if rendered is None:
-                break
-            out.append(rendered)
+        with self._parts_back():
+            for p in prompts:
+                rendered = self._render(p, extra_networks)
+                if rendered is None:
+                    break
+                out.append(rendered)
         return out
+
+    @contextlib.contextmanager
+    def _parts_back(self):
+        """The WebUI's pipeline renders with every part where it keeps it: offloaded parts come back for the
+        render and go away again after it."""
+        away = list(self._offloaded)
+        for part in away:
+            self.reload(part)
+        try:
+            yield
+        finally:
+            for part in away:
+                self.offload(part)
 
     def _render(self, sp: SamplePrompt, extra_networks: bool) -> tuple[Image.Image, str] | None:
         processing = host.mod("processing")
