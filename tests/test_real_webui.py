@@ -116,12 +116,7 @@ def test_train_through_the_api_and_use_the_result(server, tmp_path):
     assert refused.value.code == 403 and any(p.startswith("train_data_dir") for p in answer["problems"]), answer
     started = _call(server, "/lora-trainer/v1/train", body)
     assert started["id_task"]
-    deadline = time.time() + 1800
-    while (status := _call(server, "/lora-trainer/v1/status"))["state"] in ("running", "paused"):
-        assert time.time() < deadline, status
-        time.sleep(5)
-    logging.getLogger(__name__).info("Train LoRA status at the end: %s", json.dumps(status))
-    assert status["state"] == "finished", status
+    status = _wait_for_the_run(server)
     loras = {x["name"]: x for x in _call(server, "/sdapi/v1/loras")}
     assert name in loras and loras[name]["metadata"]["ss_output_name"] == name
     plain = Image.open(io.BytesIO(_txt2img(server, "a red circle")))
@@ -130,3 +125,35 @@ def test_train_through_the_api_and_use_the_result(server, tmp_path):
     assert status["preview_diff"] < 0.01, status["check"]
     again = Image.open(io.BytesIO(_txt2img(server, "a red circle")))
     assert list(again.getdata()) == list(plain.getdata())  # the host model is back as it was
+
+
+def _wait_for_the_run(server: str) -> dict:
+    deadline = time.time() + 1800
+    while (status := _call(server, "/lora-trainer/v1/status"))["state"] in ("running", "paused"):
+        assert time.time() < deadline, status
+        time.sleep(5)
+    logging.getLogger(__name__).info("Train LoRA status at the end: %s", json.dumps(status))
+    assert status["state"] == "finished", status
+    return status
+
+
+def test_low_vram_settings_train_and_preview_with_parts_offloaded(server, tmp_path):
+    """Cached latents and text-encoder outputs (the WebUI's SD1 conditioning is a plain tensor), the VAE and text
+    encoders off the GPU while training, previews rendered with them back; the model ends as it was."""
+    from PIL import Image
+
+    data = make_dataset(str(tmp_path / "data"), images=3, repeats=1, size=64, aspect_variety=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("shapetok, red circle --w 64 --h 64 --d 3 --s 2 --l 5\n")
+    name = f"train_lora_lowvram_{int(time.time())}"
+    before = Image.open(io.BytesIO(_txt2img(server, "a red circle")))
+    _call(server, "/lora-trainer/v1/train", {
+        "train_data_dir": data, "output_dir": "", "output_name": name, "resolution": "64", "min_bucket_reso": 64,
+        "max_bucket_reso": 128, "max_train_steps": 4, "network_dim": 4, "network_alpha": 4, "seed": 1,
+        "sample_prompts": str(prompts), "sample_every_n_steps": 2, "cache_latents": True,
+        "cache_text_encoder_outputs": True, "offload_vae": True, "network_train_unet_only": True})
+    status = _wait_for_the_run(server)
+    assert len(status["samples"]) == 2 and all(os.path.isfile(p) for p in status["samples"]), status
+    assert status["preview_diff"] < 0.01, status["check"]
+    after = Image.open(io.BytesIO(_txt2img(server, "a red circle")))
+    assert list(after.getdata()) == list(before.getdata())
