@@ -110,9 +110,18 @@ def test_bench_json_smoke_on_the_cpu():
     assert r["images_per_s"] > 0 and r["it_per_s"] > 0 and r["peak_memory_gb"] > 0
     assert set(r["time_split_s"]) == {"data", "forward", "backward", "optimizer", "sampling", "saving"}
     assert r["flops_per_step"] > 0 and r["tflops"] > 0 and r["mfu"] is None  # no peak figure for a CPU
-    # the loop reads one flag back from the device per step (loss and gradients finite), nothing else
-    assert r["host_syncs_per_step"] == 1
+    # the loop reads one flag back from the device per step (loss and gradients finite), nothing else; the host's
+    # transformers 4.30 adds one of its own in every CLIP forward (its causal mask is filled from a device tensor)
+    assert r["host_syncs_per_step"] == 1 + _clip_reads_back_a_tensor()
     assert r["ops_per_step"] > sum(r["top_ops"].values()) > 0 and "mm" in r["top_ops"]
+
+
+def _clip_reads_back_a_tensor() -> bool:
+    import inspect
+
+    from transformers.models.clip import modeling_clip
+
+    return "torch.tensor(torch.finfo(dtype).min, device=device)" in inspect.getsource(modeling_clip)
 
 
 def test_adamw_takes_the_fused_kernels_where_torch_has_them():
