@@ -27,7 +27,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.webui import ALLOWED_DIRS_KEY, TAB_ID
 from lora_trainer.webui.api import PREFIX, RequestError, check_auth, confine_paths
 
-from .webui_double.host import webui, webui_host
+from .webui_double.host import skip_unless_webui_gradio, webui, webui_host
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lora_trainer_tab.py")
 PATH_FIELDS = {"pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "network_weights",
@@ -359,9 +359,7 @@ def test_the_script_loads_and_the_webui_starts_with_a_broken_package(tmp_path, b
         tabs = script_callbacks.callbacks_ui_tabs[0]()  # raises nothing, with or without Gradio
     assert routes == []  # no routes over a broken package
     assert TAB_ID == ui.TAB_ID  # the fallback tab takes the real tab's place
-    gr = pytest.importorskip("gradio")
-    if not gr.__version__.startswith("3."):
-        pytest.skip(f"the tab targets the WebUI's Gradio 3.41, not {gr.__version__}")
+    gr = skip_unless_webui_gradio()
     [(tab, title, tab_id)] = tabs
     assert title == "Train LoRA" and tab_id == ui.TAB_ID
     shown = html.unescape(" ".join(str(b.value) for b in tab.blocks.values() if isinstance(b, gr.HTML)))

@@ -130,29 +130,21 @@ def test_on_the_webui_the_host_generates_them_with_a_forward_only_progress_bar(t
     pytest.importorskip("tests.webui_double.models")
     from lora_trainer.webui.job import MANAGER
 
-    from .webui_double.host import webui
+    from .webui_double.host import recording_state, webui
 
     concepts = _concepts(tmp_path, sizes=[(64, 64), (64, 64)])  # the double's UNet takes square latents only
     seen = []
-    with webui("sd1", str(tmp_path / "webui")) as host:
-        state = host.shared.state
-        plain = type(state)
 
-        class Recording(plain):
-            def __setattr__(self, name, value):
-                super().__setattr__(name, value)
-                if name in ("job_no", "job_count") and self.job_count > 0 and MANAGER.job is not None:
-                    seen.append((min(self.job_no / self.job_count, 1.0), MANAGER.job.status.phase))
-                if name == "textinfo" and MANAGER.job is not None and "class images" in str(value):
-                    seen.append((None, value))
+    def progress(state, name, value):
+        if name in ("job_no", "job_count") and state.job_count > 0 and MANAGER.job is not None:
+            seen.append((min(state.job_no / state.job_count, 1.0), MANAGER.job.status.phase))
+        if name == "textinfo" and MANAGER.job is not None and "class images" in str(value):
+            seen.append((None, value))
 
-        state.__class__ = Recording
-        try:
-            cfg = _config(tmp_path, concepts, output_dir="", output_name="webui_concepts", resolution="64")
-            job = MANAGER.start(cfg)
-            job.thread.join(600)
-        finally:
-            state.__class__ = plain
+    with webui("sd1", str(tmp_path / "webui")) as host, recording_state(host, progress):
+        cfg = _config(tmp_path, concepts, output_dir="", output_name="webui_concepts", resolution="64")
+        job = MANAGER.start(cfg)
+        job.thread.join(600)
     status = job.status
     assert status.state == "finished", status.error
     class_dir = tmp_path / "data" / "class"

@@ -183,7 +183,7 @@ def test_previews_bring_offloaded_parts_back_one_at_a_time(monkeypatch):
         runner.register_forward_pre_hook(lambda *_, name=name: events.append(f"{name} runs"))
         if name != "unet":
             monkeypatch.setattr(module, "to", lambda *a, name=name, m=module, **k: (
-                events.append(f"{name} {'away' if str(a[0]) == 'cpu' else 'back'}"), nn_to(m, *a, **k))[1])
+                events.append(f"{name} {'away' if str(a[0]) == 'cpu' else 'back'}"), torch.nn.Module.to(m, *a, **k))[1])
     bundle.device = torch.device("cpu:0")  # stands for the GPU: moves "back" name it, moves "away" say "cpu"
     bundle.offload("text_encoders")
     bundle.offload("vae")
@@ -198,10 +198,6 @@ def test_previews_bring_offloaded_parts_back_one_at_a_time(monkeypatch):
     assert events[-2:] == ["vae runs", "vae away"]
     assert bundle._away == {"text_encoders", "vae"}  # still away for training
     assert list(image.getdata()) == list(expected.getdata())
-
-
-def nn_to(module, *args, **kwargs):
-    return torch.nn.Module.to(module, *args, **kwargs)
 
 
 def test_a_vae_that_was_away_decodes_large_previews_in_tiles(monkeypatch):

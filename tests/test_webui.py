@@ -16,7 +16,7 @@ from lora_trainer.synthetic import make_dataset
 
 from .a1111_emulation import merge_into_targets
 from .conftest import kohya_keys
-from .webui_double.host import webui
+from .webui_double.host import recording_state, skip_unless_webui_gradio, webui
 
 pytest.importorskip("tests.webui_double.models")
 
@@ -162,21 +162,14 @@ def test_the_progress_bar_only_moves_forward_and_is_full_only_after_the_check(tm
     from lora_trainer.webui.job import MANAGER
 
     seen = []
-    with webui("sd1", str(tmp_path)) as host:
-        state = host.shared.state
-        plain = type(state)
 
-        class Recording(plain):
-            def __setattr__(self, name, value):
-                super().__setattr__(name, value)
-                if name in ("job_no", "job_count") and self.job_count > 0 and MANAGER.job is not None:
-                    seen.append((min(self.job_no / self.job_count, 1.0), MANAGER.job.status.phase))
+    def progress(state, name, value):
+        if name in ("job_no", "job_count") and state.job_count > 0 and MANAGER.job is not None:
+            seen.append((min(state.job_no / state.job_count, 1.0), MANAGER.job.status.phase))
 
-        state.__class__ = Recording
-        try:  # 4 steps, previews at steps 2 and 4 and a final one, then the two renders of the check
-            status = _wait(MANAGER.start(_config(tmp_path, sample_every_n_steps=2)))
-        finally:
-            state.__class__ = plain
+    with webui("sd1", str(tmp_path)) as host, recording_state(host, progress):
+        # 4 steps, previews at steps 2 and 4 and a final one, then the two renders of the check
+        status = _wait(MANAGER.start(_config(tmp_path, sample_every_n_steps=2)))
     assert status.state == "finished" and status.check["ok"]
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions), seen
@@ -268,9 +261,7 @@ def test_http_api_trains_and_reports(tmp_path):
 
 
 def test_tab_builds_on_the_webuis_gradio_and_maps_every_field(tmp_path):
-    gr = pytest.importorskip("gradio")
-    if not gr.__version__.startswith("3."):
-        pytest.skip(f"the tab targets the WebUI's Gradio 3.41, not {gr.__version__}")
+    gr = skip_unless_webui_gradio()
     from lora_trainer import config as cfgmod
     from lora_trainer.webui import ui
 

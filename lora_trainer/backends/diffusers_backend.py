@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .. import memory
 from ..errors import UserError
 from ..model import SamplePrompt, SizeInfo, TrainingSetup, autocast_context
 from ..networks.naming import UNetNames, kohya_key, te_path, te_prefixes
@@ -152,14 +151,11 @@ class DiffusersBundle:
         if part not in self._away:
             yield
             return
-        for m in self._parts(part):
-            m.to(self.device)
+        self.reload(part)
         try:
             yield
         finally:
-            for m in self._parts(part):
-                m.to("cpu")
-            memory.free(self.device)
+            self.offload(part)
 
     def _vae_dtype(self, setup: TrainingSetup) -> torch.dtype:
         # The SDXL VAE overflows in fp16 (NaN latents); every VAE is fine in fp32 or bf16.
@@ -312,7 +308,8 @@ class DiffusersBundle:
         with self._lent("text_encoders"):
             conds = [self._conditioning(p) for p in prompts]
         latents = [self._denoise(p, cond) for p, cond in zip(prompts, conds)]
-        with self._lent("vae"), _tiled(self.c.vae, "vae" in self._away):
+        vae_away = "vae" in self._away  # before _lent brings it back
+        with self._lent("vae"), _tiled(self.c.vae, vae_away):
             return [_to_image(self.decode_latents(x)) for x in latents]
 
     def _conditioning(self, p: SamplePrompt) -> dict[str, Tensor]:

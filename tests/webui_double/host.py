@@ -62,3 +62,31 @@ def webui(family: str, root: str, seed: int = 0) -> Iterator[types.SimpleNamespa
                                         lora_dir=bare.lora_dir)
         finally:
             models.opts = old_opts
+
+
+@contextlib.contextmanager
+def recording_state(host: types.SimpleNamespace, on_set) -> Iterator[None]:
+    """The WebUI's `shared.state` reports every attribute set to `on_set(state, name, value)` while inside."""
+    state = host.shared.state
+    plain = type(state)
+
+    class Recording(plain):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            on_set(self, name, value)
+
+    state.__class__ = Recording
+    try:
+        yield
+    finally:
+        state.__class__ = plain
+
+
+def skip_unless_webui_gradio():
+    """The gradio module, when it is the WebUI's Gradio 3.41 (the tab targets no other)."""
+    import pytest
+
+    gr = pytest.importorskip("gradio")
+    if not gr.__version__.startswith("3."):
+        pytest.skip(f"the tab targets the WebUI's Gradio 3.41, not {gr.__version__}")
+    return gr
